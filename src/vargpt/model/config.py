@@ -7,6 +7,7 @@ Hydra validates YAML against them at compose time, so a misspelt key fails namin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from vargpt.model.scales import VAR_PATCH_NUMS, ScaleSchedule
@@ -118,3 +119,14 @@ class ModelConfig:
     # Where the weights come from: null (random init), a released VARGPT folder, a stage checkpoint, or the
     # embedded backbones folder; resolved by the checkpoint adapters.
     init_from: str | None = None
+
+
+def load_model_config(path: str | Path, overrides: list[str] | None = None) -> ModelConfig:
+    """Read a ``conf/model/*.yaml`` file into a validated ModelConfig (outside Hydra: notebooks, tools, tests)."""
+    from omegaconf import OmegaConf
+
+    schema = OmegaConf.structured(ModelConfig)
+    merged = OmegaConf.merge(schema, OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides or [])))
+    cfg: ModelConfig = OmegaConf.to_object(merged)
+    cfg.vqvae.validate()
+    return cfg

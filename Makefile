@@ -1,0 +1,47 @@
+# VARGPT framework: every target sets itself up (a .venv beside this file) and is safe to re-run.
+PY        ?= python3
+VENV      ?= .venv
+BIN       := $(VENV)/bin
+STAMP     := $(VENV)/.installed
+STAGE     ?= pretrain
+ARGS      ?=
+LOG_DIR   ?= logs
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-slow lint demo train backbones mlflow-ui clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the project with its dev extras (idempotent)
+
+test: $(STAMP) ## run the fast test suite (what CI runs)
+	$(BIN)/python -m pytest
+
+test-slow: $(STAMP) ## run the slow tests too (multi-process, full demo)
+	$(BIN)/python -m pytest -m 'slow or not slow'
+
+lint: $(STAMP) ## ruff lint and format check
+	$(BIN)/ruff check src tests data_prep bench
+	$(BIN)/ruff format --check src tests data_prep bench
+
+demo: $(STAMP) ## the three VARGPT stages on the embedded default (tiny model, shapes world)
+	$(BIN)/python src/train.py stage=pretrain paths.log_dir=$(LOG_DIR) $(ARGS)
+	$(BIN)/python src/train.py stage=sft_mixed paths.log_dir=$(LOG_DIR) $(ARGS)
+	$(BIN)/python src/train.py stage=sft_gen paths.log_dir=$(LOG_DIR) $(ARGS)
+
+train: $(STAMP) ## one stage: make train STAGE=pretrain ARGS='trainer=gpu'
+	$(BIN)/python src/train.py stage=$(STAGE) paths.log_dir=$(LOG_DIR) $(ARGS)
+
+mlflow-ui: $(STAMP) ## browse runs at http://127.0.0.1:5000 (local only)
+	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(abspath $(LOG_DIR))/mlflow.db
+
+clean: ## remove the venv, logs and caches (keeps committed backbones)
+	rm -rf $(VENV) $(LOG_DIR) outputs multirun .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

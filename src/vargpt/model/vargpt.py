@@ -1,0 +1,332 @@
+"""VARGPT: one model that understands images (LLaVA) and generates them (VAR next-scale prediction).
+
+Data flow of one training step (VARGPT-REFERENCE.md 2.2, 3, 4, 10):
+
+* understanding: CLIP penultimate-layer patch features -> ``multi_modal_projector`` -> scattered into the
+  ``<image>`` token slots of the LLM input;
+* generation: target image -> frozen VQ-VAE codes -> VAR teacher-forcing input embeddings (class row
+  "generate", 10 % dropped to the null row in training) -> ``image_gen_projector`` -> scattered into the
+  ``<|image_gen_pad|>`` slots; the LLM's last (post-norm) hidden states at those slots, unshifted ->
+  ``image_gen_projector_out`` -> the VAR blocks with the block-causal mask -> code logits.
+
+A batch may hold understanding and generation samples together: both kinds of features are scattered
+(the release drops the generation ones in that case, reference 9.2). The text loss uses the collator's
+labels (the release trains on prompts in generation batches, reference 9.1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
+
+from vargpt.model.config import ModelConfig
+from vargpt.model.projectors import GenProjector, UnderstandingProjector
+from vargpt.model.tokens import SpecialTokenIds
+from vargpt.model.var import VAR
+from vargpt.model.vqvae import VQVAE
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class VARGPTOutput:
+    """What one forward returns: the weighted total, each task's loss, and detached metrics for logging."""
+
+    loss: torch.Tensor
+    loss_text: torch.Tensor | None
+    loss_image: torch.Tensor | None
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class VARGPT(nn.Module):
+    """The unified model; sub-module names are those of the released ``VARGPTLlavaForConditionalGeneration``."""
+
+    def __init__(self, cfg: ModelConfig, ids: SpecialTokenIds, tokenizer: Any = None) -> None:
+        super().__init__()
+        cfg.vqvae.validate()
+        self.cfg = cfg
+        self.ids = ids
+        # Kept for generate() (prompt building and decoding); not a module, not in the state dict.
+        self.tokenizer = tokenizer
+        self.vision_tower = CLIPVisionTower(_clip_config(cfg))
+        self.multi_modal_projector = UnderstandingProjector(
+            cfg.vision.hidden_size, cfg.llm.hidden_size, cfg.projector_hidden_act
+        )
+        self.language_model = AutoModelForCausalLM.from_config(_llm_config(cfg))
+        self.vae_local = VQVAE(
+            vocab_size=cfg.vqvae.vocab_size,
+            z_channels=cfg.vqvae.z_channels,
+            ch=cfg.vqvae.ch,
+            ch_mult=tuple(cfg.vqvae.ch_mult),
+            num_res_blocks=cfg.vqvae.num_res_blocks,
+            beta=cfg.vqvae.beta,
+            quant_resi=cfg.vqvae.quant_resi,
+            share_quant_resi=cfg.vqvae.share_quant_resi,
+            patch_nums=tuple(cfg.vqvae.patch_nums),
+            using_sa=cfg.vqvae.using_sa,
+            using_mid_sa=cfg.vqvae.using_mid_sa,
+        )
+        # The release sizes the class embedding by the tokenizer: num_classes = gen_start_id + 1, so row
+        # gen_start_id is "generate an image" and row gen_start_id + 1 is the null (dropped) condition.
+        self.vargpt_gen = VAR(
+            depth=cfg.var.depth,
+            embed_dim=cfg.var.embed_dim,
+            num_heads=cfg.var.num_heads,
+            num_classes=ids.gen_start + 1,
+            vocab_size=cfg.vqvae.vocab_size,
+            z_channels=cfg.vqvae.z_channels,
+            patch_nums=tuple(cfg.vqvae.patch_nums),
+            mlp_ratio=cfg.var.mlp_ratio,
+            drop_path_rate=cfg.var.drop_path_rate,
+            norm_eps=cfg.var.norm_eps,
+            attn_l2_norm=cfg.var.attn_l2_norm,
+            cond_drop_rate=cfg.var.cond_drop_rate,
+            vqvae=self.vae_local,
+        )
+        var_dim, llm_dim = self.vargpt_gen.C, cfg.llm.hidden_size
+        self.image_gen_projector = GenProjector(var_dim, llm_dim)
+        self.image_gen_projector_out = GenProjector(llm_dim, var_dim)
+        self.vargpt_gen.init_weights()
+        self.image_gen_projector.init_weights()
+        self.image_gen_projector_out.init_weights()
+        # The VQ-VAE is a frozen tokenizer in every stage (reference 1.7: test_mode).
+        self.vae_local.requires_grad_(False)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def num_gen_tokens(self) -> int:
+        """L: LLM slots (and VAR tokens) of one generated image."""
+        return self.vargpt_gen.schedule.num_tokens
+
+    @property
+    def num_image_tokens(self) -> int:
+        """LLM slots of one understanding image."""
+        return self.cfg.vision.num_image_tokens
+
+    @property
+    def gen_label(self) -> int:
+        """The class row that conditions generation ("generate an image" = the gen start token id)."""
+        return self.ids.gen_start
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The blocks FSDP shards one by one: LLM decoder layers, VAR blocks, vision encoder layers."""
+        return [
+            *self.language_model.model.layers,
+            *self.vargpt_gen.blocks,
+            *self.vision_tower.vision_model.encoder.layers,
+        ]
+
+    # ------------------------------------------------------------------ parts of the forward
+    def image_features(self, pixel_values_N3SS: torch.Tensor) -> torch.Tensor:
+        """CLIP patch features of the feature layer (CLS dropped), projected: (N, P, H)."""
+        dtype = self.vision_tower.vision_model.embeddings.patch_embedding.weight.dtype
+        out = self.vision_tower.vision_model(pixel_values_N3SS.to(dtype), output_hidden_states=True)
+        feats_NPD = out.hidden_states[self.cfg.vision.feature_layer][:, 1:]
+        return self.multi_modal_projector(feats_NPD)
+
+    def gen_targets(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """Per-scale VQ codes of the generation targets: precomputed ``gen_codes`` or encoded pixels."""
+        if batch.get("gen_codes") is not None:
+            codes_NL = batch["gen_codes"]
+            return [codes_NL[:, b:e] for b, e in self.vargpt_gen.schedule.begin_end]
+        with torch.no_grad():
+            return self.vae_local.img_to_codes(batch["pixel_gen_values"])
+
+    def gen_inputs(self, codes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAR input embeddings of the targets (B_g, L, C) and their AdaLN condition (B_g, C)."""
+        n = codes[0].shape[0]
+        label_B = torch.full((n,), self.gen_label, dtype=torch.long, device=codes[0].device)
+        if self.training:
+            label_B = self.vargpt_gen.drop_labels(label_B)
+        cond_BD = self.vargpt_gen.cond(label_B)
+        with torch.no_grad():
+            teacher_BlCv = self.vae_local.codes_to_teacher_input(codes)
+        x_BLC = self.vargpt_gen.embed_teacher(cond_BD, teacher_BlCv.to(cond_BD.dtype))
+        return x_BLC, cond_BD
+
+    def build_inputs_embeds(
+        self,
+        input_ids_BT: torch.Tensor,
+        image_feats_NPH: torch.Tensor | None,
+        gen_embeds_NLH: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Token embeddings with image features and generation inputs scattered into their slots."""
+        embeds_BTH = self.language_model.get_input_embeddings()(input_ids_BT)
+        embeds_BTH = _scatter(embeds_BTH, input_ids_BT == self.ids.image, image_feats_NPH, "<image>")
+        return _scatter(embeds_BTH, input_ids_BT == self.ids.gen_pad, gen_embeds_NLH, "<|image_gen_pad|>")
+
+    def llm_hidden(self, inputs_embeds_BTH: torch.Tensor, attention_mask_BT: torch.Tensor | None) -> torch.Tensor:
+        """Last hidden state of the LLM after its final norm (causal attention), (B, T, H)."""
+        out = self.language_model.model(inputs_embeds=inputs_embeds_BTH, attention_mask=attention_mask_BT)
+        return out.last_hidden_state
+
+    def decode_image_logits(self, hidden_NLH: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+        """LLM hidden states at the pad slots -> VAR blocks (block-causal) -> code logits (B_g, L, V)."""
+        x_BLC = self.image_gen_projector_out(hidden_NLH)
+        bias = self.vargpt_gen.attn_bias_for_masking.to(x_BLC.dtype)
+        return self.vargpt_gen.decode(x_BLC, cond_BD, attn_bias=bias)
+
+    # ------------------------------------------------------------------ inference
+    def generate(self, conversations: list[Any], images: list[Any] | None = None, sampling: Any = None, **kwargs: Any):
+        """Batched, KV-cached mixed-modal generation: see vargpt.model.generation.generate."""
+        from vargpt.model.generation import generate  # lazy: generation needs the data package's chat template
+
+        return generate(self, conversations, images=images, sampling=sampling, **kwargs)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: dict[str, Any]) -> VARGPTOutput:
+        """Teacher-forced losses of a batch (the collator's contract: see vargpt.data.collate)."""
+        input_ids_BT = batch["input_ids"]
+        has_und = batch.get("pixel_values") is not None and batch["pixel_values"].shape[0] > 0
+        has_gen = batch.get("gen_codes") is not None or (
+            batch.get("pixel_gen_values") is not None and batch["pixel_gen_values"].shape[0] > 0
+        )
+        image_feats = self.image_features(batch["pixel_values"]) if has_und else None
+        gen_embeds, cond_BD, codes = None, None, None
+        if has_gen:
+            codes = self.gen_targets(batch)
+            x_BLC, cond_BD = self.gen_inputs(codes)
+            gen_embeds = self.image_gen_projector(x_BLC)
+        embeds_BTH = self.build_inputs_embeds(input_ids_BT, image_feats, gen_embeds)
+        hidden_BTH = self.llm_hidden(embeds_BTH, batch.get("attention_mask"))
+
+        metrics: dict[str, torch.Tensor] = {}
+        loss_text = self.text_loss(hidden_BTH, batch["labels"], metrics)
+        loss_image = None
+        if has_gen:
+            gen_mask_BT = input_ids_BT == self.ids.gen_pad
+            hidden_NLH = hidden_BTH[gen_mask_BT].view(-1, self.num_gen_tokens, hidden_BTH.shape[-1])
+            logits_NLV = self.decode_image_logits(hidden_NLH, cond_BD)
+            loss_image = self.image_loss(logits_NLV, torch.cat(codes, dim=1), metrics)
+        loss = self.cfg.text_loss_weight * loss_text
+        if loss_image is not None:
+            loss = loss + self.cfg.image_loss_weight * loss_image
+        metrics["loss"] = loss.detach()
+        return VARGPTOutput(loss=loss, loss_text=loss_text, loss_image=loss_image, metrics=metrics)
+
+    def text_loss(
+        self, hidden_BTH: torch.Tensor, labels_BT: torch.Tensor, metrics: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Shifted next-token CE over the trained positions only.
+
+        The LM head runs on the positions that carry a label, not on all T: the logits of a 32k vocabulary
+        over a 2k-token sequence are the largest activation of the step, and most positions are ignored.
+        """
+        targets_BT = labels_BT[:, 1:]
+        keep_BT = targets_BT != IGNORE_INDEX
+        n = keep_BT.sum()
+        metrics["num_text_tokens"] = n.detach()
+        logits_NV = self.language_model.lm_head(hidden_BTH[:, :-1][keep_BT]).float()
+        targets_N = targets_BT[keep_BT]
+        if targets_N.numel() == 0:
+            # Nothing to learn from text here; keep the graph connected so every rank runs the same backward.
+            loss = logits_NV.sum() * 0.0
+            metrics["loss_text"] = loss.detach()
+            return loss
+        loss = F.cross_entropy(logits_NV, targets_N)
+        metrics["loss_text"] = loss.detach()
+        metrics["acc_text"] = (logits_NV.argmax(-1) == targets_N).float().mean().detach()
+        return loss
+
+    def image_loss(
+        self, logits_NLV: torch.Tensor, gt_NL: torch.Tensor, metrics: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Uniform CE over all L code positions (reference 4), plus per-scale and last-scale ("tail") stats."""
+        ce_NL = F.cross_entropy(logits_NLV.float().transpose(1, 2), gt_NL, reduction="none")
+        hit_NL = (logits_NLV.argmax(-1) == gt_NL).float()
+        loss = ce_NL.mean()
+        metrics["num_image_tokens"] = torch.tensor(gt_NL.numel(), device=gt_NL.device)
+        metrics["loss_image"] = loss.detach()
+        metrics["acc_image"] = hit_NL.mean().detach()
+        schedule = self.vargpt_gen.schedule
+        for k, (b, e) in enumerate(schedule.begin_end):
+            metrics[f"loss_image_s{k}"] = ce_NL[:, b:e].mean().detach()
+            metrics[f"acc_image_s{k}"] = hit_NL[:, b:e].mean().detach()
+        b, e = schedule.begin_end[-1]
+        metrics["loss_image_tail"] = ce_NL[:, b:e].mean().detach()
+        metrics["acc_image_tail"] = hit_NL[:, b:e].mean().detach()
+        return loss
+
+
+class CLIPVisionTower(nn.Module):
+    """transformers' CLIP vision model under ``vision_model``, so keys read ``vision_tower.vision_model.*``.
+
+    This is the one place that absorbs a transformers layout change: 4.x's CLIPVisionModel nests a
+    CLIPVisionTransformer under ``.vision_model`` (keys ``vision_model.*``), 5.x flattened it (keys
+    ``embeddings.*``). Either way the released ``vision_tower.vision_model.*`` names come out.
+    """
+
+    def __init__(self, config: CLIPVisionConfig) -> None:
+        super().__init__()
+        model = CLIPVisionModel(config)
+        self.vision_model = getattr(model, "vision_model", model)
+
+
+def _scatter(embeds_BTH: torch.Tensor, slots_BT: torch.Tensor, values: torch.Tensor | None, what: str) -> torch.Tensor:
+    """Put ``values`` (N, P, H) into the ``slots`` of ``embeds`` in row-major order; counts must match."""
+    n_slots = int(slots_BT.sum())
+    n_values = 0 if values is None else values.shape[0] * values.shape[1]
+    if n_slots != n_values:
+        raise ValueError(
+            f"{what}: the batch has {n_slots} token slots but {n_values} feature vectors "
+            "(each placeholder must expand to exactly the model's token count, one image per placeholder)"
+        )
+    if values is None:
+        return embeds_BTH
+    return embeds_BTH.masked_scatter(slots_BT[..., None], values.to(embeds_BTH.dtype))
+
+
+def _llm_config(cfg: ModelConfig) -> Any:
+    llm = cfg.llm
+    return AutoConfig.for_model(
+        llm.model_type,
+        hidden_size=llm.hidden_size,
+        num_hidden_layers=llm.num_hidden_layers,
+        num_attention_heads=llm.num_attention_heads,
+        num_key_value_heads=llm.num_key_value_heads,
+        intermediate_size=llm.intermediate_size,
+        vocab_size=llm.vocab_size,
+        max_position_embeddings=llm.max_position_embeddings,
+        rms_norm_eps=llm.rms_norm_eps,
+        rope_theta=llm.rope_theta,
+        hidden_act=llm.hidden_act,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+        **dict(llm.extra),
+    )
+
+
+def _clip_config(cfg: ModelConfig) -> CLIPVisionConfig:
+    v = cfg.vision
+    return CLIPVisionConfig(
+        hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size,
+        num_hidden_layers=v.num_hidden_layers,
+        num_attention_heads=v.num_attention_heads,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        projection_dim=v.projection_dim,
+        hidden_act=v.hidden_act,
+        layer_norm_eps=v.layer_norm_eps,
+        attn_implementation="sdpa",
+    )
+
+
+def build_vargpt(cfg: ModelConfig, tokenizer_or_ids: Any) -> VARGPT:
+    """Build a VARGPT from its config and a tokenizer (or its special ids), checking they fit each other."""
+    tokenizer = None if isinstance(tokenizer_or_ids, SpecialTokenIds) else tokenizer_or_ids
+    ids = tokenizer_or_ids if tokenizer is None else SpecialTokenIds.from_tokenizer(tokenizer)
+    n_tok = max(ids.image, ids.pad, ids.gen_start, ids.gen_end, ids.gen_pad, ids.eos) + 1
+    if tokenizer is not None:
+        n_tok = max(n_tok, len(tokenizer))
+    if n_tok > cfg.llm.vocab_size:
+        raise ValueError(
+            f"model.llm.vocab_size={cfg.llm.vocab_size} is smaller than the tokenizer ({n_tok} tokens); "
+            "raise it (the release pads the embedding to 32064 rows)"
+        )
+    return VARGPT(cfg, ids, tokenizer)
