@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -77,15 +76,10 @@ def test_released_layout_matches_reference_on_meta(reference_lists):
     assert model.num_gen_tokens == 680 and model.num_image_tokens == 576
 
 
-def test_tiny_size_and_step_time(tiny_model):
+def test_tiny_size(tiny_model):
+    """The embedded default is "a few million parameters" (its step time is measured in bench/, not here)."""
     n = sum(p.numel() for p in tiny_model.parameters())
     assert 1e6 < n < 20e6, n
-    batch = make_batch(tiny_model, n_und=2, n_gen=2)
-    tiny_model.train()
-    tiny_model(batch).loss.backward()  # warm-up
-    t0 = time.perf_counter()
-    tiny_model(batch).loss.backward()
-    assert time.perf_counter() - t0 < 1.0
 
 
 def test_mixed_batch_scatters_both_and_trains_both(tiny_model):
