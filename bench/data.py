@@ -1,0 +1,138 @@
+"""Data throughput on this machine: world build time, converter throughput, pipeline samples/s (0/1/2 workers).
+
+    .venv/bin/python bench/data.py                 # full run (~3 minutes on 2 cores)
+    .venv/bin/python bench/data.py --quick         # smaller sizes, for a smoke test
+
+Pipeline figures are steady-state (after the first batch, which includes worker start-up), for the tiny
+model (conf/model/tiny.yaml: 32 px understanding, 64 px generation, L = 130) on the shapes world, and for the
+release's sizes (conf/model/vargpt_llava_7b.yaml: CLIP 336 px / 576 tokens, VAR 256 px / L = 680) on
+LLaVA-style shards of 500x375 JPEGs, tokenised with the world's tokenizer (no Llama tokenizer offline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+from PIL import Image
+
+from vargpt.data.config import DataConfig, SourceConfig
+from vargpt.data.convert import AnnotationConverter, ConvertOptions, run_conversion
+from vargpt.data.datamodule import VARGPTDataModule
+from vargpt.data.shapes import build_shapes_world
+from vargpt.data.tokenizer import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def photo_like_jpeg(path: Path, rng: np.random.Generator, size: tuple[int, int] = (500, 375)) -> None:
+    """A JPEG of photo-like size and entropy (smooth gradient plus noise), ~60-90 KB like COCO images."""
+    w, h = size
+    base = np.linspace(0, 255, w)[None, :, None] * rng.uniform(0.3, 1, 3) + np.linspace(0, 120, h)[:, None, None]
+    img = np.clip(base + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(img).save(path, quality=90)
+
+
+def make_llava_fixture(root: Path, entries: int) -> Path:
+    """LLaVA-format annotations over ``entries`` distinct photo-like JPEGs; half single-turn, half 3-turn."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    data = []
+    for i in range(entries):
+        photo_like_jpeg(root / "images" / f"{i:06d}.jpg", rng)
+        turns = ["<image>\nWhat is shown in this picture? Describe it in detail.", "A gradient with noise. " * 8]
+        turns += ["And the colours?", "Mostly warm tones."] * (i % 2)
+        convs = [{"from": "human" if k % 2 == 0 else "gpt", "value": t} for k, t in enumerate(turns)]
+        data.append({"id": str(i), "image": f"{i:06d}.jpg", "conversations": convs})
+    path = root / "llava_bench.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def pipeline_rate(dm: VARGPTDataModule, samples: int) -> float:
+    """Steady-state training samples/s of a data module (the first batch, with worker start-up, excluded)."""
+    dm.cfg.samples_per_epoch = samples
+    dm.setup("fit")
+    count, start = 0, None
+    for batch in dm.train_dataloader():
+        if start is None:
+            start = time.perf_counter()
+            continue
+        count += batch["input_ids"].shape[0]
+    return count / (time.perf_counter() - start)
+
+
+def data_module(root: Path, sources: dict[str, str], model_yaml: str, tokenizer, workers: int) -> VARGPTDataModule:
+    cfg = DataConfig(
+        root=str(root),
+        train_sources={name: SourceConfig(path) for name, path in sources.items()},
+        micro_batch_size=16,
+        num_workers=workers,
+        cutoff_len=2048,
+    )
+    return VARGPTDataModule.from_config(cfg, OmegaConf.load(REPO / "conf" / "model" / model_yaml), tokenizer)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke test, not figures)")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep the generated data here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="vargpt-bench-"))
+    train, val, entries, samples = (2000, 200, 100, 256) if args.quick else (20000, 1000, 600, 2048)
+    rows: list[tuple[str, str]] = []
+
+    for workers in (1, 2):
+        start = time.perf_counter()
+        build_shapes_world(work / f"shapes{workers}", size=64, train=train, val=val, seed=0, num_workers=workers)
+        seconds = time.perf_counter() - start
+        rows.append((f"build shapes world ({train}+{val}, 64 px), {workers} proc", f"{seconds:.1f} s"))
+        rows.append((f"  = world converter throughput, {workers} proc", f"{(train + val) / seconds:.0f} samples/s"))
+
+    annotations = make_llava_fixture(work / "llava", entries)
+    for workers in (1, 2):
+        out = work / f"llava_shards{workers}"
+        start = time.perf_counter()
+        options = ConvertOptions(out, part_size=100, num_workers=workers)
+        run_conversion(AnnotationConverter(annotations, work / "llava" / "images", "llava_bench"), options)
+        rate = entries / (time.perf_counter() - start)
+        rows.append((f"llava_to_shards (500x375 JPEG, full decode check), {workers} proc", f"{rate:.0f} samples/s"))
+
+    world = work / "shapes2"
+    tokenizer = load_tokenizer(world / "tokenizer")
+    mixes = {
+        "understanding (caption+vqa)": {"caption": "train/caption", "vqa": "train/vqa"},
+        "generation (t2i)": {"t2i": "train/t2i"},
+        "full mix (4 tasks)": {t: f"train/{t}" for t in ("caption", "vqa", "t2i", "mixed")},
+    }
+    for name, sources in mixes.items():
+        for workers in (0, 1, 2):
+            rate = pipeline_rate(data_module(world, sources, "tiny.yaml", tokenizer, workers), samples)
+            rows.append((f"pipeline tiny model, {name}, {workers} workers", f"{rate:.0f} samples/s"))
+    real = {"llava": str(work / "llava_shards1")}
+    for workers in (0, 1, 2):
+        rate = pipeline_rate(data_module(work, real, "vargpt_llava_7b.yaml", tokenizer, workers), samples // 4)
+        rows.append((f"pipeline 7B sizes, understanding (CLIP 336), {workers} workers", f"{rate:.0f} samples/s"))
+
+    # Other processes on the machine change these figures: print the load they ran under.
+    rows.append(("load average (1, 5, 15 min) at the end", ", ".join(f"{x:.1f}" for x in os.getloadavg())))
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'measurement':<{width}}  result")
+    print("-" * (width + 20))
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Typed schema of a data config (``conf/data/*.yaml``): sources and their mixture, batching, workers, resume.
+
+The training app registers :class:`DataConfig` with Hydra's ConfigStore (as part of its root schema), so a
+misspelt key in a YAML file or on the command line fails at compose time naming the key. Every field has a
+default so the root schema can build an empty one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import MISSING
+
+
+def resolve_path(path: str, root: str | Path) -> Path:
+    """A config path: absolute as given, relative under ``data.root``."""
+    return Path(path) if Path(path).is_absolute() else Path(root) / path
+
+
+@dataclass
+class SourceConfig:
+    """One shard source: a folder holding ``manifest.json`` and its shards (converted by ``data_prep/``)."""
+
+    # Folder, relative to data.root unless absolute.
+    path: str = MISSING
+    # Training mixture weight; null = proportional to the source's num_samples (what concatenating datasets
+    # does, as VARGPT's LLaMA-Factory training did). 0 = the source is not used (in evaluation either);
+    # evaluation streams ignore other values and read every sample once.
+    weight: float | None = None
+
+
+@dataclass
+class ShapesWorldConfig:
+    """The embedded shapes world, built under data.root/dir when missing (``vargpt.data.shapes``)."""
+
+    dir: str = "shapes"
+    size: int = 64
+    train: int = 20000
+    val: int = 1000
+    seed: int = 0
+    # Processes for building it (rendering + PNG encoding).
+    num_workers: int = 2
+
+
+@dataclass
+class DataConfig:
+    """A data mix for one stage: where the shards are, how to mix, batch and stream them."""
+
+    name: str = "shapes"
+    # Base folder of relative source paths (the training app sets it to paths.data_dir).
+    root: str = "data"
+    # Set to build the shapes world when it is missing; null for real data.
+    shapes: ShapesWorldConfig | None = None
+    # Name -> source; names label samples in batch meta and per-source metrics.
+    train_sources: dict[str, SourceConfig] = field(default_factory=dict)
+    val_sources: dict[str, SourceConfig] = field(default_factory=dict)
+    # A "virtual epoch": samples per epoch over all ranks (checkpoints, schedules and evaluation follow it).
+    samples_per_epoch: int = 20000
+    # Samples per batch per rank (the stage derives gradient accumulation from its global batch size).
+    micro_batch_size: int = 8
+    # Evaluation batch size; null = micro_batch_size.
+    val_micro_batch_size: int | None = None
+    # DataLoader worker processes per rank (0 = in the training process); batches are built in the workers.
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    # Pinned host memory (only used when a GPU is present).
+    pin_memory: bool = True
+    # Seeds shard choice, mixture draws and shuffling (with epoch, rank and worker): same seed, same stream.
+    seed: int = 0
+    # Samples held by each worker's shuffle buffer (raw bytes; images are decoded after shuffling).
+    shuffle_buffer: int = 1000
+    # Samples buffered before the first one is released.
+    shuffle_initial: int = 100
+    # Longest sequence after placeholder expansion; longer samples are cut before the image block the cut
+    # would split, or skipped and counted when nothing trainable would remain.
+    cutoff_len: int = 2048
+    pad_to_multiple_of: int = 8
+    # VAR's random crop of generation targets in training (false = centre crop).
+    gen_random_crop: bool = True
+    # Seconds between two warnings about skipped samples or unreadable shards (counts are always kept).
+    warn_interval_s: float = 60.0

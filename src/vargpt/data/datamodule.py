@@ -1,0 +1,264 @@
+"""The LightningDataModule: a data config plus the model's facts -> training and evaluation loaders.
+
+Build it with :meth:`VARGPTDataModule.from_config` (``data_cfg``: ``conf/data/*.yaml`` as a ``DataConfig`` or a
+DictConfig; ``model_cfg``: a ``ModelConfig``, which gives the image-token counts and image sizes). It builds the
+shapes world when the config asks for it and it is missing (``prepare_data``), streams batches built in the
+workers, and saves the training stream's position in checkpoints: ``state_dict`` holds every rank's worker
+positions (gathered when torch.distributed runs) and ``load_state_dict`` resumes exactly when the epoch,
+seed, world size and worker count match, else approximately (same number of remaining batches, new draws).
+
+Positions are recorded in ``on_before_batch_transfer``, which Lightning calls when the training loop takes a
+batch (not when the loader prefetches it); a LightningModule should not override that hook as well.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from vargpt.data.collate import Collator
+from vargpt.data.config import DataConfig, resolve_path
+from vargpt.data.pipeline import EvalStream, SampleProcessor, TrainStream, load_sources
+from vargpt.data.shapes import ensure_shapes_world
+from vargpt.data.tokenizer import load_tokenizer
+from vargpt.data.transforms import clip_transform, var_transform
+from vargpt.model.config import ModelConfig
+from vargpt.model.tokens import SpecialTokenIds
+
+log = logging.getLogger(__name__)
+
+
+def _to_object(cfg: Any, schema: type) -> Any:
+    """A config dataclass from a dataclass or a (Hydra) DictConfig, validated against ``schema``."""
+    if isinstance(cfg, schema):
+        return cfg
+    if isinstance(cfg, DictConfig):
+        # Resolve while the node still sits in its root config (``${paths.data_dir}`` and the like).
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(cfg, dict):
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
+    raise TypeError(f"expected {schema.__name__} or a DictConfig, got {type(cfg).__name__}")
+
+
+class _TrainLoader(DataLoader):
+    """A DataLoader that tells the data module when an epoch's iteration starts (to seed it and resume)."""
+
+    def __init__(self, *args: Any, begin_epoch: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.begin_epoch = begin_epoch
+
+    def __iter__(self) -> Iterator[Any]:
+        self.begin_epoch()
+        return super().__iter__()
+
+
+class VARGPTDataModule(LightningDataModule):
+    """Training and evaluation streams of one data config (see the module docstring)."""
+
+    def __init__(self, cfg: DataConfig, model_cfg: ModelConfig, tokenizer: Any = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+        self.tokenizer = tokenizer
+        self.train_stream: TrainStream | None = None
+        self.val_stream: EvalStream | None = None
+        self._next_epoch = 0
+        self._epoch = 0
+        # This rank's worker positions in the current epoch, as reported by the batches the loop took.
+        self._positions: dict[int, dict[str, int]] = {}
+        self._skipped: dict[int, dict[str, int]] = {}
+        self._pending: dict[str, Any] | None = None
+
+    @classmethod
+    def from_config(
+        cls, data_cfg: DataConfig | DictConfig, model_cfg: ModelConfig | DictConfig, tokenizer: Any = None
+    ) -> VARGPTDataModule:
+        """Build from the Hydra configs. ``tokenizer`` = None loads ``model_cfg.tokenizer`` (a local folder),
+        or the shapes world's own tokenizer when the data config has a shapes world."""
+        return cls(_to_object(data_cfg, DataConfig), _to_object(model_cfg, ModelConfig), tokenizer)
+
+    # -------------------------------------------------------------------------------------------- set-up
+    def prepare_data(self) -> None:
+        shapes = self.cfg.shapes
+        if shapes is not None:
+            ensure_shapes_world(
+                resolve_path(shapes.dir, self.cfg.root),
+                shapes.size,
+                shapes.train,
+                shapes.val,
+                shapes.seed,
+                shapes.num_workers,
+            )
+
+    def _load_tokenizer(self) -> Any:
+        if self.model_cfg.tokenizer:
+            return load_tokenizer(self.model_cfg.tokenizer)
+        if self.cfg.shapes is not None:
+            return load_tokenizer(resolve_path(self.cfg.shapes.dir, self.cfg.root) / "tokenizer")
+        raise ValueError("no tokenizer: pass one, or set model.tokenizer to the LLM checkpoint's local folder")
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _processor(self, train: bool) -> SampleProcessor:
+        vision, vqvae = self.model_cfg.vision, self.model_cfg.vqvae
+        return SampleProcessor(
+            tokenizer=self.tokenizer,
+            ids=SpecialTokenIds.from_tokenizer(self.tokenizer),
+            num_image_tokens=vision.num_image_tokens,
+            num_gen_tokens=vqvae.schedule.num_tokens,
+            cutoff_len=self.cfg.cutoff_len,
+            und_transform=clip_transform(vision.image_size, tuple(vision.image_mean), tuple(vision.image_std)),
+            gen_transform=var_transform(vqvae.image_size, train=train and self.cfg.gen_random_crop),
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        # Fork-based workers inherit the tokenizer; its Rust thread pool must not be used across the fork.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if self.tokenizer is None:
+            self.tokenizer = self._load_tokenizer()
+        collator = Collator(SpecialTokenIds.from_tokenizer(self.tokenizer).pad, self.cfg.pad_to_multiple_of)
+        rank, world_size = self._rank_world()
+        cfg = self.cfg
+        if stage in (None, "fit") and cfg.train_sources:
+            self.train_stream = TrainStream(
+                load_sources(cfg.train_sources, cfg.root),
+                self._processor(train=True),
+                collator,
+                micro_batch_size=cfg.micro_batch_size,
+                samples_per_epoch=cfg.samples_per_epoch,
+                num_workers=cfg.num_workers,
+                seed=cfg.seed,
+                rank=rank,
+                world_size=world_size,
+                shuffle_buffer=cfg.shuffle_buffer,
+                shuffle_initial=cfg.shuffle_initial,
+                warn_interval_s=cfg.warn_interval_s,
+            )
+        if cfg.val_sources:
+            self.val_stream = EvalStream(
+                load_sources(cfg.val_sources, cfg.root),
+                self._processor(train=False),
+                collator,
+                micro_batch_size=cfg.val_micro_batch_size or cfg.micro_batch_size,
+                rank=rank,
+                world_size=world_size,
+                warn_interval_s=cfg.warn_interval_s,
+            )
+
+    # -------------------------------------------------------------------------------------------- loaders
+    def _loader_kwargs(self) -> dict[str, Any]:
+        workers = self.cfg.num_workers
+        return {
+            "batch_size": None,  # batches are made in the workers
+            "num_workers": workers,
+            "pin_memory": self.cfg.pin_memory and torch.cuda.is_available(),
+            "prefetch_factor": self.cfg.prefetch_factor if workers > 0 else None,
+            # Workers are re-created every epoch so they see the new epoch's seed (set in _begin_epoch).
+            "persistent_workers": False,
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_stream is None:
+            raise RuntimeError("no training sources: set data.train_sources (and call setup('fit'))")
+        return _TrainLoader(self.train_stream, begin_epoch=self._begin_epoch, **self._loader_kwargs())
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_stream is None:
+            raise RuntimeError("no evaluation sources: set data.val_sources")
+        return DataLoader(self.val_stream, **self._loader_kwargs())
+
+    def _begin_epoch(self) -> None:
+        """Seed the epoch about to be iterated and apply a pending resume position."""
+        assert self.train_stream is not None
+        if self.trainer is not None:
+            epoch = self.trainer.current_epoch
+        else:
+            epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
+        positions = self._resume_positions(epoch)
+        self._epoch, self._positions, self._skipped = epoch, positions, {}
+        self.train_stream.set_epoch(epoch, positions)
+
+    def _resume_positions(self, epoch: int) -> dict[int, dict[str, int]]:
+        """Worker positions to start ``epoch`` from: exact, approximate (see module docstring), or none."""
+        state, self._pending = self._pending, None
+        if state is None:
+            return {}
+        if state["epoch"] != epoch:
+            log.info("the saved stream position is of epoch %d; epoch %d starts afresh", state["epoch"], epoch)
+            return {}
+        stream = self.train_stream
+        assert stream is not None
+        mine = state["positions"].get(stream.rank)
+        same = (state["seed"], state["world_size"], state["num_workers"]) == (
+            stream.seed,
+            stream.world_size,
+            stream.num_workers,
+        )
+        if same and mine is not None:
+            log.info("resuming the training stream exactly at epoch %d, positions %s", epoch, mine)
+            return {int(w): dict(p) for w, p in mine.items()}
+        # Batch counts are the same on every rank (equal quotas), so any rank's entry gives the count.
+        done = sum(p["batches"] for p in next(iter(state["positions"].values())).values())
+        log.warning(
+            "resuming the training stream approximately: %d batches of epoch %d done, the rest drawn afresh "
+            "(saved with seed/world size/workers %s)",
+            done,
+            epoch,
+            (state["seed"], state["world_size"], state["num_workers"]),
+        )
+        per_worker, extra = divmod(done, stream.num_workers)
+        return {w: {"cursor": 0, "batches": per_worker + (w < extra)} for w in range(stream.num_workers)}
+
+    # -------------------------------------------------------------------------------------------- position
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Record the position of a training batch the loop takes, and drop it from the batch."""
+        stream = batch.pop("_stream", None) if isinstance(batch, dict) else None
+        if stream is not None and stream["epoch"] == self._epoch:
+            self._positions[stream["worker"]] = {"cursor": stream["cursor"], "batches": stream["batches"]}
+            self._skipped[stream["worker"]] = stream["skipped"]
+        return batch
+
+    def skipped_counts(self) -> dict[str, int]:
+        """Samples skipped so far this epoch on this rank's training workers, by reason (for logging)."""
+        total: Counter[str] = Counter()
+        for counts in self._skipped.values():
+            total.update(counts)
+        return dict(total)
+
+    def state_dict(self) -> dict[str, Any]:
+        stream = self.train_stream
+        if stream is None:
+            return {}
+        positions: dict[int, dict[int, dict[str, int]]] = {stream.rank: dict(self._positions)}
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and stream.world_size > 1:
+            # Checkpoints are written by rank 0: gather every rank's positions (all ranks dump the state).
+            gathered: list[Any] = [None] * stream.world_size
+            torch.distributed.all_gather_object(gathered, positions)
+            positions = {r: p for part in gathered for r, p in part.items()}
+        return {
+            "epoch": self._epoch,
+            "seed": stream.seed,
+            "world_size": stream.world_size,
+            "num_workers": stream.num_workers,
+            "positions": positions,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        self._pending = state_dict
+        self._next_epoch = state_dict["epoch"]
+        self._epoch = state_dict["epoch"]

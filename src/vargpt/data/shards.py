@@ -1,0 +1,225 @@
+"""The shard format on disk: writing size-bounded tar shards, the manifest, reading samples back, verification.
+
+A source folder holds ``manifest.json`` and WebDataset tar shards. One sample is the members
+``{key}.json`` (the record: ``id``, ``messages``, ``images``, ``source``, ``meta``) and ``{key}.{name}`` for every
+image name the record lists (``img0.jpg``, ``img1.png``, ...), stored as the original encoded bytes. Shards are
+written to a temporary name and renamed when complete, with fixed tar metadata so that the same input gives
+byte-identical shards (and the same sha256) on every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from vargpt.data.records import IMAGE_MISSING, MALFORMED_ENTRY, InvalidSampleError, check_record, normalize_messages
+
+FORMAT = "vargpt-shards-v1"
+MANIFEST_NAME = "manifest.json"
+_TAR_BLOCK = 512
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class ShardInfo:
+    """One shard's line in the manifest."""
+
+    name: str
+    num_samples: int
+    sha256: str
+    size_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sample_members(record: dict[str, Any], images: list[bytes]) -> dict[str, bytes]:
+    """Tar members of one sample: its JSON record and the bytes of every image it names, in order."""
+    if len(images) != len(record["images"]):
+        raise ValueError(f"record names {len(record['images'])} images, got {len(images)}")
+    members = {"json": json.dumps(record, ensure_ascii=False).encode("utf-8")}
+    members.update(zip(record["images"], images, strict=True))
+    return members
+
+
+@dataclass
+class ShardWriter:
+    """Writes samples to ``{prefix}-{j:03d}.tar`` shards of at most ``max_bytes`` and ``max_samples`` (0 = any)."""
+
+    out_dir: Path
+    prefix: str
+    max_bytes: int
+    max_samples: int = 0
+    shards: list[ShardInfo] = field(default_factory=list, init=False)
+    _tar: tarfile.TarFile | None = field(default=None, init=False, repr=False)
+    _path: Path | None = field(default=None, init=False, repr=False)
+    _count: int = field(default=0, init=False, repr=False)
+    _size: int = field(default=0, init=False, repr=False)
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r} must not contain '.' or '/' (WebDataset splits names there)")
+        size = sum(_TAR_BLOCK + -(-len(data) // _TAR_BLOCK) * _TAR_BLOCK for data in members.values())
+        full = self._count and (
+            self._size + size > self.max_bytes or (self.max_samples and self._count >= self.max_samples)
+        )
+        if self._tar is None or full:
+            self._roll()
+        assert self._tar is not None
+        for suffix, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{suffix}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            self._tar.addfile(info, io.BytesIO(data))
+        self._count += 1
+        self._size += size
+
+    def _roll(self) -> None:
+        self._finish()
+        name = f"{self.prefix}-{len(self.shards):03d}.tar"
+        self._path = self.out_dir / name
+        # Open across write() calls, closed by _finish(): a context manager cannot span them.
+        self._tar = tarfile.open(self._path.with_name(name + ".tmp"), "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        self._count = self._size = 0
+
+    def _finish(self) -> None:
+        if self._tar is None or self._path is None:
+            return
+        self._tar.close()
+        os.replace(self._path.with_name(self._path.name + ".tmp"), self._path)
+        self.shards.append(ShardInfo(self._path.name, self._count, sha256_file(self._path), self._path.stat().st_size))
+        self._tar = None
+
+    def close(self) -> list[ShardInfo]:
+        """Finish the open shard; returns every shard written."""
+        self._finish()
+        return self.shards
+
+
+def read_manifest(source_dir: str | Path) -> dict[str, Any]:
+    path = Path(source_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in {source_dir}: convert the data first (data_prep/*.py)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def shard_list(source_dir: str | Path) -> list[tuple[str, int]]:
+    """``(path, num_samples)`` of every shard of a source, in manifest order."""
+    manifest = read_manifest(source_dir)
+    return [(str(Path(source_dir) / s["name"]), int(s["num_samples"])) for s in manifest["shards"]]
+
+
+def iter_raw_samples(
+    paths: Iterator[str] | list[str], handler: Callable[[Exception], bool] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Raw samples (``__key__``, ``__url__``, ``json`` and image member bytes) of the given shards, in order.
+
+    ``handler`` decides on read errors as in WebDataset (return True to continue); the default re-raises.
+    """
+    import webdataset as wds
+
+    handler = handler or wds.reraise_exception
+    return wds.tariterators.tarfile_samples(({"url": p} for p in paths), handler=handler)
+
+
+def parse_record(raw: dict[str, Any]) -> tuple[dict[str, Any], list[bytes]]:
+    """The record of a raw sample (messages normalised and checked) and its images' bytes in placeholder order."""
+    try:
+        record = json.loads(raw["json"])
+        names = record["images"]
+        record["messages"] = normalize_messages(record["messages"])
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, InvalidSampleError):
+            raise
+        raise InvalidSampleError(MALFORMED_ENTRY, f"{raw.get('__key__')}: bad record ({exc})") from None
+    check_record(record["messages"], len(names))
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise InvalidSampleError(IMAGE_MISSING, f"{raw.get('__key__')}: no member {missing}")
+    return record, [raw[n] for n in names]
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify_source` found; ``ok`` when there are no problems."""
+
+    num_shards: int = 0
+    num_samples: int = 0
+    num_images: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_source(source_dir: str | Path, decode_images: bool = True, max_problems: int = 50) -> VerifyReport:
+    """Re-read every shard: checksums and counts against the manifest, every record valid, every image decodes."""
+    source_dir = Path(source_dir)
+    report = VerifyReport()
+
+    def problem(text: str) -> None:
+        if len(report.problems) < max_problems:
+            report.problems.append(text)
+
+    manifest = read_manifest(source_dir)
+    listed = {s["name"] for s in manifest["shards"]}
+    for extra in sorted(p.name for p in source_dir.glob("*.tar") if p.name not in listed):
+        problem(f"{extra}: shard not in the manifest")
+    keys: set[str] = set()
+    for shard in manifest["shards"]:
+        path = source_dir / shard["name"]
+        report.num_shards += 1
+        if not path.is_file():
+            problem(f"{shard['name']}: missing")
+            continue
+        if sha256_file(path) != shard["sha256"]:
+            problem(f"{shard['name']}: sha256 differs from the manifest")
+        count = 0
+        try:
+            for raw in iter_raw_samples([str(path)]):
+                count += 1
+                if raw["__key__"] in keys:
+                    problem(f"{shard['name']}: duplicate key {raw['__key__']}")
+                keys.add(raw["__key__"])
+                try:
+                    _, images = parse_record(raw)
+                    for data in images if decode_images else []:
+                        with Image.open(io.BytesIO(data)) as img:
+                            img.load()
+                    report.num_images += len(images)
+                except (InvalidSampleError, OSError, SyntaxError, ValueError) as exc:
+                    problem(f"{shard['name']}: sample {raw['__key__']}: {exc}")
+        except (tarfile.TarError, OSError, ValueError) as exc:
+            problem(f"{shard['name']}: unreadable tar ({exc})")
+        if count != shard["num_samples"]:
+            problem(f"{shard['name']}: {count} samples, manifest says {shard['num_samples']}")
+        report.num_samples += count
+    if report.num_samples != manifest["num_samples"]:
+        problem(f"{report.num_samples} samples in the shards, manifest says {manifest['num_samples']}")
+    return report

@@ -1,0 +1,344 @@
+"""Streaming, mixing, splitting, collating and resuming (vargpt.data.pipeline, collate, datamodule)."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import shutil
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures.data import (
+    TASK_SOURCES,
+    TINY_MODEL,
+    tiny_world,
+    world_tokenizer,
+)
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError
+from torch.utils.data import DataLoader
+
+from vargpt.data.collate import Collator, Example
+from vargpt.data.config import DataConfig, SourceConfig
+from vargpt.data.datamodule import VARGPTDataModule
+from vargpt.data.pipeline import EvalStream, SkipCounter, load_sources
+from vargpt.data.shapes import render_scene
+from vargpt.data.shards import iter_raw_samples, shard_list
+from vargpt.data.transforms import var_transform
+from vargpt.model.tokens import SpecialTokenIds
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sources(split: str, weights: dict[str, float | None] | None = None) -> dict[str, SourceConfig]:
+    weights = weights or dict.fromkeys(TASK_SOURCES)
+    return {task: SourceConfig(f"{split}/{task}", w) for task, w in weights.items()}
+
+
+def make_dm(**overrides) -> VARGPTDataModule:
+    settings = {
+        "root": str(tiny_world()),
+        "train_sources": sources("train"),
+        "val_sources": sources("val"),
+        "micro_batch_size": 4,
+        "num_workers": 0,
+        "samples_per_epoch": 64,
+        "shuffle_buffer": 50,
+        "shuffle_initial": 10,
+        "cutoff_len": 512,
+    } | overrides
+    dm = VARGPTDataModule.from_config(DataConfig(**settings), TINY_MODEL, world_tokenizer())
+    dm.setup("fit")
+    return dm
+
+
+def ids_of(batch) -> tuple[str, ...]:
+    return tuple(m["id"] for m in batch["meta"])
+
+
+def check_batch_contract(batch, dm: VARGPTDataModule) -> None:
+    ids = SpecialTokenIds.from_tokenizer(dm.tokenizer)
+    vision, vqvae = dm.model_cfg.vision, dm.model_cfg.vqvae
+    x, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    assert x.dtype == mask.dtype == labels.dtype == torch.long and x.shape == mask.shape == labels.shape
+    assert x.shape[1] % 8 == 0
+    assert torch.all(x[mask == 0] == ids.pad) and torch.all(labels[mask == 0] == -100)
+    # Padding is on the right: each row is ones then zeros.
+    assert torch.all(mask[:, :-1] >= mask[:, 1:])
+    n_und = 0 if batch["pixel_values"] is None else batch["pixel_values"].shape[0]
+    n_gen = 0 if batch["pixel_gen_values"] is None else batch["pixel_gen_values"].shape[0]
+    assert (x == ids.image).sum() == n_und * vision.num_image_tokens
+    assert (x == ids.gen_start).sum() == (x == ids.gen_end).sum() == n_gen
+    assert (x == ids.gen_pad).sum() == n_gen * vqvae.schedule.num_tokens
+    assert torch.all(labels[(x == ids.gen_pad) | (x == ids.image)] == -100)
+    if n_und:
+        assert batch["pixel_values"].shape[1:] == (3, vision.image_size, vision.image_size)
+    if n_gen:
+        gen = batch["pixel_gen_values"]
+        assert gen.shape[1:] == (3, vqvae.image_size, vqvae.image_size) and gen.min() >= -1 and gen.max() <= 1
+    assert len(batch["meta"]) == x.shape[0]
+
+
+def test_collate_orders_images_row_major_then_in_sequence():
+    def img(v: float) -> torch.Tensor:
+        return torch.full((3, 2, 2), v)
+
+    a = Example(torch.tensor([5, 6, 7]), torch.tensor([-100, 6, 7]), [img(1), img(2)], [img(10)], {"id": "a"})
+    b = Example(torch.tensor([8]), torch.tensor([8]), [img(3)], [img(11)], {"id": "b"})
+    batch = Collator(pad_id=0, pad_to_multiple_of=8)([a, b])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0, 0, 0, 0, 0], [8, 0, 0, 0, 0, 0, 0, 0]]
+    assert batch["labels"][0, :4].tolist() == [-100, 6, 7, -100]
+    assert batch["attention_mask"].sum(1).tolist() == [3, 1]
+    assert batch["pixel_values"][:, 0, 0, 0].tolist() == [1, 2, 3]
+    assert batch["pixel_gen_values"][:, 0, 0, 0].tolist() == [10, 11]
+    none = Collator(0)([Example(torch.tensor([1]), torch.tensor([1]))])
+    assert none["pixel_values"] is None and none["pixel_gen_values"] is None
+
+
+def test_train_batches_honour_the_contract_and_carry_their_position():
+    dm = make_dm()
+    for batch in dm.train_dataloader():
+        assert set(batch["_stream"]) == {"epoch", "worker", "cursor", "batches", "skipped"}
+        batch = dm.on_before_batch_transfer(batch, 0)
+        assert "_stream" not in batch
+        check_batch_contract(batch, dm)
+    assert {m["source"] for m in batch["meta"]} <= set(TASK_SOURCES)
+
+
+def test_generation_targets_line_up_with_their_samples():
+    """End to end: each pixel_gen_values entry is the rendered ground truth of its own sample."""
+    dm = make_dm(val_sources={"t2i": SourceConfig("val/t2i")})
+    transform = var_transform(64, train=False)
+    for batch in dm.val_dataloader():
+        check_batch_contract(batch, dm)
+        expected = torch.stack([transform(render_scene(m["attributes"][0], 64)) for m in batch["meta"]])
+        assert torch.equal(batch["pixel_gen_values"], expected)
+
+
+def test_mixture_follows_the_weights():
+    dm = make_dm(train_sources=sources("train", {"caption": 1.0, "vqa": 2.0, "t2i": 3.0, "mixed": 0.0}))
+    stream = dm.train_stream
+    assert stream is not None
+    # The mixture is drawn on raw samples (decoding comes later): count a few thousand draws.
+    raw = stream._raw_stream(worker=0, skips=SkipCounter("test", 60.0))
+    counts = Counter(name for name, _ in itertools.islice(raw, 6000))
+    assert "mixed" not in counts
+    for name, share in (("caption", 1 / 6), ("vqa", 2 / 6), ("t2i", 3 / 6)):
+        assert abs(counts[name] / 6000 - share) < 0.02, counts
+    batch_sources = {m["source"] for batch in dm.train_dataloader() for m in batch["meta"]}
+    assert batch_sources == {"caption", "vqa", "t2i"}
+    # Null weights = proportional to size, like concatenating the sources.
+    loaded = load_sources(sources("train"), tiny_world())
+    assert [s.weight for s in loaded] == [s.num_samples for s in loaded]
+
+
+@pytest.mark.parametrize("val", [sources("val"), {"vqa": SourceConfig("val/vqa")}], ids=["by-shard", "by-sample"])
+def test_eval_streams_of_two_ranks_and_two_workers_are_disjoint_and_complete(val):
+    loaded = load_sources(val, tiny_world())
+    expected = sorted(
+        json.loads(raw["json"])["id"] for s in loaded for raw in iter_raw_samples([p for p, _ in s.shards])
+    )
+    dm = make_dm(val_sources=val)
+    assert dm.val_stream is not None
+    seen: list[str] = []
+    for rank in (0, 1):
+        stream = EvalStream(loaded, dm.val_stream.processor, dm.val_stream.collator, 5, rank=rank, world_size=2)
+        per_rank = [i for batch in DataLoader(stream, batch_size=None, num_workers=2) for i in ids_of(batch)]
+        assert per_rank  # both ranks get work
+        seen += per_rank
+    assert sorted(seen) == expected  # nothing twice, nothing dropped
+
+
+def test_fixed_epoch_length_and_seeded_streams():
+    dm = make_dm(num_workers=2, samples_per_epoch=40)
+    loader = dm.train_dataloader()
+    assert len(loader) == 10  # 40 samples / batch 4 = 10 batches = 5 per worker
+    epoch0 = [ids_of(b) for b in loader]
+    epoch1 = [ids_of(b) for b in loader]
+    assert len(epoch0) == len(epoch1) == 10 and epoch0 != epoch1
+    again = make_dm(num_workers=2, samples_per_epoch=40)
+    assert [ids_of(b) for b in again.train_dataloader()] == epoch0  # same seed, same stream
+    other_seed = make_dm(num_workers=2, samples_per_epoch=40, seed=1)
+    assert [ids_of(b) for b in other_seed.train_dataloader()] != epoch0
+
+
+def test_ranks_draw_different_streams():
+    dm = make_dm()
+    stream = dm.train_stream
+    assert stream is not None
+    first = [ids_of(b) for b in stream]
+    stream.rank, stream.world_size = 1, 2
+    second = [ids_of(b) for b in stream]
+    assert len(second) == len(first) // 2 and second != first[: len(second)]
+
+
+def consume(dm: VARGPTDataModule, limit: int | None = None) -> list[tuple[int, tuple[str, ...]]]:
+    """(worker, ids) of the training batches the 'loop' takes, through the position hook."""
+    out = []
+    for batch in dm.train_dataloader():
+        worker = batch["_stream"]["worker"]
+        out.append((worker, ids_of(dm.on_before_batch_transfer(batch, 0))))
+        if limit is not None and len(out) == limit:
+            break
+    return out
+
+
+def reload(state: dict) -> dict:
+    """A state through torch.save / torch.load(weights_only=True), as a checkpoint carries it."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_the_stream_exactly(workers):
+    full = consume(make_dm(num_workers=workers))
+    assert len(full) == 16
+    first = make_dm(num_workers=workers)
+    taken = consume(first, limit=5)
+    assert taken == full[:5]
+    resumed = make_dm(num_workers=workers)
+    resumed.load_state_dict(reload(first.state_dict()))
+    rest = consume(resumed)
+    # Each worker continues its own sequence exactly; workers restart their round-robin at worker 0.
+    for w in range(max(workers, 1)):
+        assert [b for x, b in rest if x == w] == [b for x, b in full[5:] if x == w]
+    assert len(rest) == 11
+    assert [ids_of(b) for b in resumed.train_dataloader()] != [b for _, b in full]  # then the next epoch
+
+
+def test_resume_with_other_workers_is_approximate_but_keeps_the_epoch_length():
+    first = make_dm(num_workers=2)
+    consume(first, limit=6)
+    other = make_dm(num_workers=0)
+    other.load_state_dict(reload(first.state_dict()))
+    assert len(consume(other)) == 16 - 6
+
+
+def test_resume_through_a_lightning_checkpoint(tmp_path):
+    """The real hooks: Lightning saves the data module's state mid-epoch and restores it on resume."""
+    import lightning.pytorch as pl
+
+    class Recorder(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.seen: list[tuple[str, ...]] = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append(ids_of(batch))
+            return (self.weight * batch["input_ids"].float().mean()).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def fit(ckpt: str | None = None) -> Recorder:
+        model = Recorder()
+        trainer = pl.Trainer(
+            max_steps=10,
+            accelerator="cpu",
+            logger=False,
+            callbacks=[pl.callbacks.ModelCheckpoint(tmp_path, every_n_train_steps=4, save_top_k=-1)],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+        )
+        trainer.fit(model, datamodule=make_dm(), ckpt_path=ckpt)
+        return model
+
+    uninterrupted = fit()
+    # The checkpoint written after step 4, mid-epoch (16 batches per epoch), as a crashed run leaves it.
+    tail = fit(str(tmp_path / "epoch=0-step=4.ckpt"))
+    assert len(uninterrupted.seen) == 10 and tail.seen == uninterrupted.seen[4:]
+
+
+def test_truncated_samples_keep_whole_blocks_and_are_counted():
+    dm = make_dm(train_sources=sources("train", {"t2i": 1.0, "mixed": 1.0}), cutoff_len=96, samples_per_epoch=48)
+    skipped: Counter[str] = Counter()
+    truncated = 0
+    for batch in dm.train_dataloader():
+        skipped.update(batch["_stream"]["skipped"])
+        batch = dm.on_before_batch_transfer(batch, 0)
+        check_batch_contract(batch, dm)
+        assert batch["input_ids"].shape[1] <= 96
+        truncated += sum(m["truncated"] for m in batch["meta"])
+    assert truncated > 0  # generation blocks do not fit in 96 tokens: cut before them, never inside
+
+
+def test_unreadable_shards_are_counted_not_fatal(tmp_path):
+    source = tmp_path / "vqa"
+    shutil.copytree(tiny_world() / "train" / "vqa", source)
+    (source / "broken.tar").write_bytes(b"\x00garbage" * 300)
+    manifest = json.loads((source / "manifest.json").read_text())
+    manifest["shards"].append({"name": "broken.tar", "num_samples": 1000, "sha256": "", "size_bytes": 2400})
+    (source / "manifest.json").write_text(json.dumps(manifest))
+    assert len(shard_list(source)) == len(manifest["shards"])
+    dm = make_dm(train_sources={"vqa": SourceConfig(str(source))}, samples_per_epoch=32)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 8 and batches[-1]["_stream"]["skipped"].get("read_error", 0) > 0
+    dm.on_before_batch_transfer(batches[-1], 0)
+    assert dm.skipped_counts()["read_error"] > 0
+
+
+def test_data_configs_validate_and_the_default_builds_its_world(tmp_path):
+    schema = OmegaConf.structured(DataConfig)
+    for path in sorted((REPO / "conf" / "data").glob("*.yaml")):
+        OmegaConf.merge(schema, OmegaConf.load(path))
+    with pytest.raises(ConfigKeyError):
+        OmegaConf.merge(schema, {"micro_batch_sise": 3})
+    root = OmegaConf.create(
+        {"paths": {"data_dir": str(tmp_path)}, "data": OmegaConf.load(REPO / "conf/data/shapes.yaml")}
+    )
+    data = root.data
+    data.shapes.train, data.shapes.val, data.shapes.num_workers = 40, 16, 1
+    data.num_workers, data.micro_batch_size, data.samples_per_epoch = 0, 4, 8
+    dm = VARGPTDataModule.from_config(data, OmegaConf.load(REPO / "conf/model/tiny.yaml"))
+    dm.prepare_data()
+    assert (tmp_path / "shapes" / "manifest.json").is_file()
+    dm.setup("fit")
+    check_batch_contract(dm.on_before_batch_transfer(next(iter(dm.train_dataloader())), 0), dm)
+    check_batch_contract(next(iter(dm.val_dataloader())), dm)
+
+
+def _ddp_rank(rank: int, world: str, out: str, port: int) -> None:
+    """One of two gloo ranks: take 3 batches, then dump the data module's state (gathered over the ranks)."""
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        cfg = DataConfig(root=world, train_sources=sources("train"), micro_batch_size=4, num_workers=0)
+        dm = VARGPTDataModule.from_config(replace(cfg, samples_per_epoch=64), TINY_MODEL, world_tokenizer())
+        dm.setup("fit")
+        consume(dm, limit=3)
+        state = dm.state_dict()  # a collective: every rank calls it, as Lightning's checkpointing does
+        if rank == 0:
+            torch.save(state, Path(out) / "state.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes import the whole stack: ~30 s on 2 cores
+def test_state_gathers_every_rank_and_resumes_rank_1_exactly(tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_rank, args=(str(tiny_world()), str(tmp_path), port), nprocs=2)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert set(state["positions"]) == {0, 1} and state["world_size"] == 2
+
+    def rank1() -> VARGPTDataModule:
+        dm = make_dm()
+        assert dm.train_stream is not None
+        dm.train_stream.rank, dm.train_stream.world_size = 1, 2
+        return dm
+
+    full = consume(rank1())
+    resumed = rank1()
+    resumed.load_state_dict(state)
+    assert consume(resumed) == full[3:] and len(full) == 8
