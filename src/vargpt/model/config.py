@@ -70,6 +70,9 @@ class VQVAEConfig:
     share_quant_resi: int = 4
     using_sa: bool = True
     using_mid_sa: bool = True
+    # GroupNorm groups of every norm: 32 in VAR (all released checkpoints); fewer lets tiny models go below 32
+    # channels, which is what makes a 64-px VQ-VAE trainable on a CPU.
+    norm_groups: int = 32
     patch_nums: tuple[int, ...] = VAR_PATCH_NUMS
     # Side of the generated images; must equal patch_nums[-1] * 2 ** (len(ch_mult) - 1).
     image_size: int = 256

@@ -70,6 +70,7 @@ class VARGPT(nn.Module):
             patch_nums=tuple(cfg.vqvae.patch_nums),
             using_sa=cfg.vqvae.using_sa,
             using_mid_sa=cfg.vqvae.using_mid_sa,
+            norm_groups=cfg.vqvae.norm_groups,
         )
         # The release sizes the class embedding by the tokenizer: num_classes = gen_start_id + 1, so row
         # gen_start_id is "generate an image" and row gen_start_id + 1 is the null (dropped) condition.

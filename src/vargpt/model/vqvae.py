@@ -58,6 +58,7 @@ class VQVAE(nn.Module):
         using_sa: bool = True,
         using_mid_sa: bool = True,
         in_channels: int = 3,
+        norm_groups: int = 32,
     ) -> None:
         super().__init__()
         self.schedule = ScaleSchedule(tuple(patch_nums))
@@ -72,6 +73,7 @@ class VQVAE(nn.Module):
             z_channels=z_channels,
             using_sa=using_sa,
             using_mid_sa=using_mid_sa,
+            norm_groups=norm_groups,
         )
         self.encoder = Encoder(**net)
         self.decoder = Decoder(**net)

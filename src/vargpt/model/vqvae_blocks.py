@@ -2,8 +2,9 @@
 
 Module and attribute names follow VAR's ``models/basic_vae.py`` exactly (``down.{i}.block.{j}``, ``mid.attn_1``,
 ``up.{i}.upsample.conv``, ``norm_out``, ...), so the state dict of :class:`Encoder` / :class:`Decoder` is key for
-key that of the released ``vae_ch160v4096z32.pth`` (VARGPT-REFERENCE.md 1.7, 7.3). Every channel count must be
-divisible by 32 because all norms are GroupNorm(32), as in VAR.
+key that of the released ``vae_ch160v4096z32.pth`` (VARGPT-REFERENCE.md 1.7, 7.3). All norms are GroupNorm with
+``norm_groups`` groups: 32 in VAR and every released checkpoint; tiny CPU-sized models may use fewer so that their
+channel counts can go below 32 (conv cost at full resolution grows with the square of the width).
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """VAR's ``Normalize``: GroupNorm with 32 groups, eps 1e-6, affine."""
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    """VAR's ``Normalize``: GroupNorm with 32 groups (``groups`` for tiny models), eps 1e-6, affine."""
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class Upsample(nn.Module):
@@ -44,11 +45,11 @@ class Downsample(nn.Module):
 class ResnetBlock(nn.Module):
     """Pre-activation residual block: (GN, swish, conv3x3) x 2, with a 1x1 ``nin_shortcut`` when channels change."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, norm_groups: int = 32) -> None:
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, norm_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = group_norm(out_channels, norm_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         self.nin_shortcut = (
@@ -65,9 +66,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head spatial self-attention with 1x1-conv ``qkv`` (3C) and ``proj_out``, scale C^-0.5, residual."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, norm_groups: int = 32) -> None:
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, norm_groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, kernel_size=1)
         self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
 
@@ -81,18 +82,18 @@ class AttnBlock(nn.Module):
         return x_BCHW + self.proj_out(h_BCHW)
 
 
-def make_attn(channels: int, enabled: bool) -> nn.Module:
-    return AttnBlock(channels) if enabled else nn.Identity()
+def make_attn(channels: int, enabled: bool, norm_groups: int = 32) -> nn.Module:
+    return AttnBlock(channels, norm_groups) if enabled else nn.Identity()
 
 
 class MidBlock(nn.Module):
     """The lowest-resolution middle: ``block_1``, ``attn_1`` (Identity when mid attention is off), ``block_2``."""
 
-    def __init__(self, channels: int, dropout: float, using_mid_sa: bool) -> None:
+    def __init__(self, channels: int, dropout: float, using_mid_sa: bool, norm_groups: int = 32) -> None:
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = make_attn(channels, using_mid_sa)
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, norm_groups)
+        self.attn_1 = make_attn(channels, using_mid_sa, norm_groups)
+        self.block_2 = ResnetBlock(channels, channels, dropout, norm_groups)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x_BCHW)))
@@ -101,10 +102,15 @@ class MidBlock(nn.Module):
 class _Level(nn.Module):
     """The ResNet ``block`` list of one resolution level, with one ``attn`` per block when attention is on."""
 
-    def __init__(self, in_ch: int, out_ch: int, num_blocks: int, dropout: float, with_attn: bool) -> None:
+    def __init__(
+        self, in_ch: int, out_ch: int, num_blocks: int, dropout: float, with_attn: bool, norm_groups: int
+    ) -> None:
         super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(in_ch if j == 0 else out_ch, out_ch, dropout) for j in range(num_blocks))
-        self.attn = nn.ModuleList(AttnBlock(out_ch) for _ in range(num_blocks)) if with_attn else nn.ModuleList()
+        self.block = nn.ModuleList(
+            ResnetBlock(in_ch if j == 0 else out_ch, out_ch, dropout, norm_groups) for j in range(num_blocks)
+        )
+        attn = (AttnBlock(out_ch, norm_groups) for _ in range(num_blocks))
+        self.attn = nn.ModuleList(attn) if with_attn else nn.ModuleList()
 
     def run_blocks(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         h = x_BCHW
@@ -119,9 +125,16 @@ class DownLevel(_Level):
     """An encoder level; every level but the lowest-resolution one ends with ``downsample``."""
 
     def __init__(
-        self, in_ch: int, out_ch: int, num_blocks: int, dropout: float, with_attn: bool, with_downsample: bool
+        self,
+        in_ch: int,
+        out_ch: int,
+        num_blocks: int,
+        dropout: float,
+        with_attn: bool,
+        with_downsample: bool,
+        norm_groups: int = 32,
     ) -> None:
-        super().__init__(in_ch, out_ch, num_blocks, dropout, with_attn)
+        super().__init__(in_ch, out_ch, num_blocks, dropout, with_attn, norm_groups)
         self.downsample = Downsample(out_ch) if with_downsample else None
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
@@ -133,9 +146,16 @@ class UpLevel(_Level):
     """A decoder level; every level but the full-resolution one (index 0) ends with ``upsample``."""
 
     def __init__(
-        self, in_ch: int, out_ch: int, num_blocks: int, dropout: float, with_attn: bool, with_upsample: bool
+        self,
+        in_ch: int,
+        out_ch: int,
+        num_blocks: int,
+        dropout: float,
+        with_attn: bool,
+        with_upsample: bool,
+        norm_groups: int = 32,
     ) -> None:
-        super().__init__(in_ch, out_ch, num_blocks, dropout, with_attn)
+        super().__init__(in_ch, out_ch, num_blocks, dropout, with_attn, norm_groups)
         self.upsample = Upsample(out_ch) if with_upsample else None
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
@@ -157,6 +177,7 @@ class Encoder(nn.Module):
         z_channels: int = 32,
         using_sa: bool = True,
         using_mid_sa: bool = True,
+        norm_groups: int = 32,
     ) -> None:
         super().__init__()
         n = len(ch_mult)
@@ -168,10 +189,12 @@ class Encoder(nn.Module):
             block_out = ch * ch_mult[i]
             # Attention only at the lowest resolution, as in VAR.
             with_attn = last and using_sa
-            self.down.append(DownLevel(ch * in_mults[i], block_out, num_res_blocks, dropout, with_attn, not last))
+            self.down.append(
+                DownLevel(ch * in_mults[i], block_out, num_res_blocks, dropout, with_attn, not last, norm_groups)
+            )
         c_low = ch * ch_mult[-1]
-        self.mid = MidBlock(c_low, dropout, using_mid_sa)
-        self.norm_out = group_norm(c_low)
+        self.mid = MidBlock(c_low, dropout, using_mid_sa, norm_groups)
+        self.norm_out = group_norm(c_low, norm_groups)
         self.conv_out = nn.Conv2d(c_low, z_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
@@ -200,21 +223,24 @@ class Decoder(nn.Module):
         z_channels: int = 32,
         using_sa: bool = True,
         using_mid_sa: bool = True,
+        norm_groups: int = 32,
     ) -> None:
         super().__init__()
         n = len(ch_mult)
         c_low = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, c_low, kernel_size=3, stride=1, padding=1)
-        self.mid = MidBlock(c_low, dropout, using_mid_sa)
+        self.mid = MidBlock(c_low, dropout, using_mid_sa, norm_groups)
         levels: list[UpLevel] = []
         block_in = c_low
         for i in reversed(range(n)):
             block_out = ch * ch_mult[i]
             with_attn = i == n - 1 and using_sa
-            levels.insert(0, UpLevel(block_in, block_out, num_res_blocks + 1, dropout, with_attn, i != 0))
+            levels.insert(
+                0, UpLevel(block_in, block_out, num_res_blocks + 1, dropout, with_attn, i != 0, norm_groups)
+            )
             block_in = block_out
         self.up = nn.ModuleList(levels)
-        self.norm_out = group_norm(block_in)
+        self.norm_out = group_norm(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, in_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z_BCHW: torch.Tensor) -> torch.Tensor:
