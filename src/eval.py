@@ -1,0 +1,35 @@
+"""Evaluate a VARGPT: the shapes world's held-out split (default) and lmms-eval's benchmarks from local files.
+
+    python src/eval.py                                                  # random tiny model, shapes world
+    python src/eval.py ckpt=logs/runs/<run>/export                      # a trained model, shapes world
+    python src/eval.py ckpt=/models/VARGPT_LLaVA-7B benchmarks=[pope,mme,vqav2] data_root=/data/lmms-lab \
+        limit=500 batch_size=16 device=cuda dtype=bfloat16
+    python src/eval.py ckpt=... benchmarks=[shapes] clip.weights=backbones/world_clip.safetensors
+
+Writes <out_dir>/<benchmark>/{predictions.jsonl,scores.json} (rerun the same command to resume an interrupted
+run), logs the scores and files to MLflow (paths.log_dir/mlflow.db) and prints a table. The logic lives in
+vargpt.eval.runner; the config is conf/eval.yaml.
+"""
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from vargpt.config import register_configs
+
+register_configs()  # the vargpt_hash resolver used by run_name
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    from vargpt.eval.runner import run
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    run(cfg, overrides)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,439 @@
+"""Evaluation during training: a Lightning callback that draws, answers and judges on a fixed subset.
+
+Every ``every_n_steps`` optimizer steps and at the end of training, on a fixed, seeded subset:
+
+* image generation for a fixed prompt list (default: the shapes world's first held-out drawing instructions),
+  logged as an image grid (``<run_dir>/eval/step_XXXXXXX.png``, and an MLflow artifact under ``eval/``);
+* the CLIP score of those images with their prompts (and, for the shapes world, with shuffled prompts) when a
+  CLIP judge is configured (``clip: {arch, weights, model_cfg}``);
+* for the shapes world, the validated judge's colour / shape / both accuracy on those images;
+* VQA accuracy on a fixed question subset: the shapes world's held-out questions, or the first questions of a
+  benchmark's local files (``vqa_source: pope``, ``data_root``), scored as ``src/eval.py`` scores it.
+
+Metrics land in the trainer's loggers under ``eval/`` at the current step, with ``eval/seconds`` (time spent).
+
+Distributed runs: every rank answers its share of the subset (shares padded to equal length) and rank 0
+gathers the records and images, scores and logs. Under DDP each rank holds the whole model, so shares run
+independently. Under FSDP (parameters sharded) every forward is a collective, so all ranks must make the same
+forward calls: the root's parameters are gathered for the evaluation (``unshard``), images are forced at the
+start of each reply (one image group, no text), and answers run for exactly ``vqa_max_new_tokens`` steps with
+end-of-sequence masked, each answer cut where the model would have ended it (prompts must leave that many
+positions free in the LLM's context, else a row would end early and the ranks would fall out of step).
+
+Enable it with ``python src/train.py callbacks=eval`` (``conf/callbacks/eval.yaml``: the default callbacks plus
+this one under ``callbacks.extra.eval``).
+
+Failures never stop training: an exception is logged with its traceback (and written to
+``<run_dir>/eval/errors.txt``, logged to MLflow as well), ``eval/failed`` is logged as 1, and training goes on.
+Under FSDP, a failure inside a forward on one rank cannot be recovered from (the others wait in a collective).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from PIL import Image, ImageDraw
+
+from vargpt.eval import shapes_eval as se
+from vargpt.eval.vqa import normalize_answer
+
+log = logging.getLogger(__name__)
+
+SHAPES = "shapes"
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers (from Hydra's instantiate) as plain Python values."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, DictConfig | ListConfig):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return value
+
+
+def image_grid(
+    images: Sequence[Image.Image | None], captions: Sequence[str] = (), columns: int = 8, tile: int = 128
+) -> Image.Image:
+    """Images as a grid of ``tile`` px tiles with a caption strip under each (a gray tile for a missing image)."""
+    columns = max(1, min(columns, len(images) or 1))
+    rows = -(-max(len(images), 1) // columns)
+    strip = 14
+    grid = Image.new("RGB", (columns * tile, rows * (tile + strip)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i, image in enumerate(images):
+        x, y = (i % columns) * tile, (i // columns) * (tile + strip)
+        if image is None:
+            draw.rectangle((x, y, x + tile - 1, y + tile - 1), fill=(200, 200, 200))
+            draw.text((x + 4, y + tile // 2 - 6), "no image", fill=(0, 0, 0))
+        else:
+            grid.paste(image.convert("RGB").resize((tile, tile), Image.NEAREST), (x, y))
+        if i < len(captions):
+            draw.text((x + 2, y + tile + 1), captions[i][: tile // 6], fill=(0, 0, 0))
+    return grid
+
+
+class _EOSRecorder:
+    """Fixed-length decoding (FSDP lockstep): masks end-of-sequence and remembers, per sample, the step at
+    which greedy decoding would have ended the reply."""
+
+    def __init__(self, eos: int, n: int) -> None:
+        self.eos = eos
+        self.ends: list[int | None] = [None] * n
+
+    def __call__(self, samples: list[int], reply_ids: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
+        wants_eos = (logits.argmax(-1) == self.eos).tolist()
+        for row, sample in enumerate(samples):
+            if wants_eos[row] and self.ends[sample] is None:
+                self.ends[sample] = len(reply_ids[row])
+        logits = logits.clone()
+        logits[:, self.eos] = float("-inf")
+        return logits
+
+
+class EvalCallback(Callback):
+    """Periodic evaluation on a fixed subset (see the module docstring).
+
+    Args:
+        every_n_steps: optimizer steps between evaluations (0 = only at the end).
+        at_end: also evaluate when training ends (unless the last step was just evaluated).
+        num_images: images drawn, one per prompt of the fixed list.
+        prompts: the drawing prompts; null = the shapes world's first ``num_images`` held-out instructions
+            (then the judge rates them). Real data: a list of instructions.
+        vqa: questions in the fixed VQA subset (0 = none).
+        vqa_source: ``shapes`` (held-out questions) or a benchmark name read from ``data_root``.
+        data_root: where benchmark copies live (``vqa_source`` other than shapes).
+        seed: the shapes world's seed (which held-out samples); image sampling uses ``sampling.seed``.
+        image_size: side of the shapes world's input images (``data.shapes.size``).
+        batch_size: prompts per generate call on each rank.
+        sampling: overrides of the image sampling (default: the release's, see conf/sampling/default.yaml).
+        max_new_tokens: reply steps when drawing (text before/after the image).
+        vqa_max_new_tokens: answer length (a benchmark's own lmms-eval length is capped at it).
+        force_image: start each reply with its image (always under FSDP); false lets the model write first.
+        judge: rate the shapes world's images with the validated judge.
+        judge_validation: ground-truth scenes the judge validates itself on first (once per process).
+        clip: ``{arch, weights, model_cfg}`` of an open_clip judge; null or no weights = no CLIP score.
+        grid_columns: tiles per row of the logged grid.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 500,
+        at_end: bool = True,
+        num_images: int = 8,
+        prompts: Sequence[str] | None = None,
+        vqa: int = 32,
+        vqa_source: str = SHAPES,
+        data_root: str | None = None,
+        seed: int = 0,
+        image_size: int = 64,
+        batch_size: int = 8,
+        sampling: Mapping[str, Any] | None = None,
+        max_new_tokens: int = 48,
+        vqa_max_new_tokens: int = 8,
+        force_image: bool = False,
+        judge: bool = True,
+        judge_validation: int = 200,
+        clip: Mapping[str, Any] | None = None,
+        grid_columns: int = 8,
+    ) -> None:
+        self.every_n_steps = int(every_n_steps)
+        self.at_end = at_end
+        self.num_images = int(num_images)
+        self.prompts = list(_plain(prompts)) if prompts is not None else None
+        self.vqa = int(vqa)
+        self.vqa_source = vqa_source
+        self.data_root = data_root
+        self.seed = seed
+        self.image_size = image_size
+        self.batch_size = max(1, int(batch_size))
+        self.sampling = dict(_plain(sampling) or {})
+        self.max_new_tokens = max_new_tokens
+        self.vqa_max_new_tokens = vqa_max_new_tokens
+        self.force_image = force_image
+        self.judge = judge
+        self.judge_validation = int(judge_validation)
+        self.clip_cfg = dict(_plain(clip) or {})
+        self.grid_columns = grid_columns
+        self._last_step = -1
+        self._clip: Any = None
+        self._judge: Any = None
+        self.history: list[dict[str, float]] = []  # what was logged (rank 0), for tests and summaries
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self.every_n_steps <= 0 or step == 0 or step % self.every_n_steps or step == self._last_step:
+            return
+        if trainer.fit_loop.epoch_loop._should_accumulate():  # mid optimizer step
+            return
+        self.run(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_end and trainer.global_step != self._last_step:
+            self.run(trainer, pl_module)
+
+    # ------------------------------------------------------------------ one evaluation
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float] | None:
+        """Evaluate now on every rank, log on rank 0; never raises. Returns the logged metrics (rank 0)."""
+        step = trainer.global_step
+        self._last_step = step
+        try:
+            return self._run(trainer, pl_module, step)
+        except Exception:  # the last line of defence: training must go on
+            self._report_failure(trainer, step, traceback.format_exc())
+            return None
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, float] | None:
+        start = time.perf_counter()
+        model = pl_module.model if hasattr(pl_module, "model") else pl_module
+        rank, world = trainer.global_rank, trainer.world_size
+        lockstep = _is_sharded(model)
+        if not self.history and trainer.is_global_zero:
+            how = "sharded model: lockstep generation on all ranks" if lockstep else "each rank answers its share"
+            log.info("evaluation at step %d on %d rank(s): %s", step, world, how)
+        try:
+            with _unsharded(model, lockstep):
+                local = self._local_results(model, rank, world, lockstep)
+        except Exception:  # reported by rank 0 after the gather, so that no rank waits for the others
+            local = {"error": traceback.format_exc()}
+        parts = _gather(local, world)
+        if not trainer.is_global_zero:
+            return None
+        errors = [p["error"] for p in parts if "error" in p]
+        if errors:
+            raise RuntimeError(f"evaluation failed on {len(errors)} rank(s); first:\n{errors[0]}")
+        metrics, grid = self._score(parts)
+        metrics["eval/seconds"] = time.perf_counter() - start
+        self._log(trainer, metrics, grid, step)
+        self.history.append({"step": float(step), **metrics})
+        log.info("eval at step %d: %s", step, {k: round(v, 3) for k, v in metrics.items()})
+        return metrics
+
+    def _shares(self, items: list[Any], rank: int, world: int) -> list[tuple[int, Any]]:
+        """This rank's (index, item) pairs: round-robin, padded with repeats so every rank has as many."""
+        if not items:
+            return []
+        per_rank = -(-len(items) // world)
+        indices = [rank + world * k for k in range(per_rank)]
+        return [(i if i < len(items) else -1, items[i % len(items)]) for i in indices]
+
+    def _local_results(self, model: Any, rank: int, world: int, lockstep: bool) -> dict[str, Any]:
+        """This rank's share: VQA records and drawn (index, record, image) triples."""
+        out: dict[str, Any] = {"vqa": [], "t2i": []}
+        if self.vqa > 0:
+            out["vqa"] = self._answer(model, self._shares(self._vqa_items(), rank, world), lockstep)
+        if self.num_images > 0:
+            out["t2i"] = self._draw(model, self._shares(self._t2i_items(), rank, world), lockstep)
+        return out
+
+    # ------------------------------------------------------------------ the subset
+    def _vqa_items(self) -> list[Any]:
+        if self.vqa_source == SHAPES:
+            return se.vqa_items(self.vqa, self.seed, self.image_size)
+        from vargpt.eval.benchmarks import read_benchmark
+
+        return list(read_benchmark(self.vqa_source, self.data_root or ".", limit=self.vqa))
+
+    def _t2i_items(self) -> list[Any]:
+        if self.prompts is None:
+            return se.t2i_items(self.num_images, self.seed)
+        return list(self.prompts[: self.num_images])
+
+    # ------------------------------------------------------------------ generation
+    def _answer(self, model: Any, shares: list[tuple[int, Any]], lockstep: bool) -> list[tuple[int, dict]]:
+        from vargpt.eval.runner import benchmark_sampling, user_turn
+        from vargpt.model.sampling_config import SamplingConfig
+
+        if self.vqa_source == SHAPES:
+            sampling = se.vqa_sampling(self.vqa_max_new_tokens)
+        else:  # the benchmark's settings, answers capped at vqa_max_new_tokens (a quick signal, not the score)
+            sampling = benchmark_sampling(self.vqa_source, max_new_tokens=self.vqa_max_new_tokens)
+            if lockstep:  # fixed length: stop strings would end rows at different steps
+                sampling = SamplingConfig.coerce(sampling, stop=[])
+        results = []
+        for batch in se.batched(shares, self.batch_size):
+            items = [item for _, item in batch]
+            prompts = [item.prompt if self.vqa_source == SHAPES else user_turn(item) for item in items]
+            recorder = _EOSRecorder(model.ids.eos, len(items)) if lockstep else None
+            images = [item.images for item in items]
+            outputs = model.generate(prompts, images, sampling=sampling, logits_processor=recorder)
+            for j, ((index, item), out) in enumerate(zip(batch, outputs, strict=True)):
+                text = out.text
+                if recorder is not None:
+                    end = recorder.ends[j]
+                    text = model.tokenizer.decode(out.token_ids[:end], skip_special_tokens=True)
+                prediction = text.strip()
+                if self.vqa_source == SHAPES:
+                    correct = float(normalize_answer(prediction) == normalize_answer(item.answer))
+                    record = item.record(prediction=prediction, correct=correct)
+                else:
+                    record = item.record(prediction)
+                results.append((index, record))
+        return results
+
+    def _draw(self, model: Any, shares: list[tuple[int, Any]], lockstep: bool) -> list[tuple[int, dict, Any]]:
+        """(index, record, image or None) per prompt; shapes instructions are judged when ``judge`` is on."""
+        from vargpt.eval.judge import ShapesJudge
+        from vargpt.model.sampling_config import SamplingConfig
+
+        cfg = SamplingConfig.coerce(self.sampling, max_new_tokens=1 if lockstep else self.max_new_tokens)
+        cfg = SamplingConfig.coerce(cfg, max_images=max(cfg.max_images, 1))
+        judge = None
+        if self.judge and self.prompts is None:
+            if self._judge is None:  # validates itself once
+                self._judge = ShapesJudge(model.cfg.vqvae.image_size, n_validation=self.judge_validation)
+            judge = self._judge
+        results: list[tuple[int, dict, Any]] = []
+        for batch in se.batched(shares, self.batch_size):
+            shapes_items = [item for _, item in batch] if self.prompts is None else None
+            prompts = [item.prompt for item in shapes_items] if shapes_items else [p for _, p in batch]
+            # Sample i of the fixed list always gets seed + i (padding repeats reuse their original's seed).
+            seeds = [cfg.seed + (item.index if shapes_items else max(index, 0)) for (index, item) in batch]
+            outputs = model.generate(prompts, sampling=cfg, force_image=self.force_image or lockstep, seeds=seeds)
+            for k, ((index, _), out) in enumerate(zip(batch, outputs, strict=True)):
+                image = out.images[0] if out.images else None
+                if shapes_items:
+                    item = shapes_items[k]
+                    judged = judge is not None and image is not None
+                    verdict = judge.judge(image, item.scene, item.requested).scores() if judged else {}
+                    record = item.record(reply=out.text, has_image=float(image is not None), **verdict)
+                else:
+                    record = {"prompt": prompts[k], "reply": out.text, "has_image": float(image is not None)}
+                if judge is not None and image is None:
+                    record.update(colour=0.0, shape=0.0, both=0.0)
+                results.append((index, record, image))
+        return results
+
+    # ------------------------------------------------------------------ scoring and logging (rank 0)
+    def _score(self, parts: list[dict[str, Any]]) -> tuple[dict[str, float], Image.Image | None]:
+        vqa = sorted({index: r for p in parts for index, r in p["vqa"] if index >= 0}.items())
+        t2i = sorted({index: (r, im) for p in parts for index, r, im in p["t2i"] if index >= 0}.items())
+        metrics: dict[str, float] = {}
+        if vqa:
+            records = [r for _, r in vqa]
+            if self.vqa_source == SHAPES:
+                metrics["eval/vqa_accuracy"] = se.score_vqa(records)["accuracy"]
+            else:
+                from vargpt.eval.benchmarks import score
+                from vargpt.eval.runner import HEADLINE
+
+                scores = score(self.vqa_source, records)
+                metrics.update({f"eval/{self.vqa_source}/{k}": v for k, v in scores.items() if k != "n"})
+                headline = HEADLINE[self.vqa_source][0]
+                metrics["eval/vqa_accuracy"] = scores[headline]
+        grid = None
+        if t2i:
+            records = [r for _, (r, _) in t2i]
+            images = [im for _, (_, im) in t2i]
+            metrics["eval/image_rate"] = 100.0 * sum(r["has_image"] for r in records) / len(records)
+            if self.prompts is None and self.judge:
+                scores = se.score_t2i(records)
+                metrics.update({f"eval/judge_{k}": scores[k] for k in ("colour", "shape", "both")})
+            texts = [se.description(r["scene"], r["requested"]) if "scene" in r else r["prompt"] for r in records]
+            drawn = [(im, text) for im, text in zip(images, texts, strict=True) if im is not None]
+            clip = self._clip_judge()
+            if clip is not None and len(drawn) >= 2:
+                figures = se.clip_figures(clip, [im for im, _ in drawn], [text for _, text in drawn])
+                metrics["eval/clip_score"] = figures["clip_matched"]
+                metrics["eval/clip_score_shuffled"] = figures["clip_shuffled"]
+            captions = []
+            for r in records:
+                mark = "" if "both" not in r or not r["has_image"] else ("ok: " if r["both"] else "x: ")
+                captions.append(mark + self._caption(r))
+            grid = image_grid(images, captions, self.grid_columns)
+        return metrics, grid
+
+    @staticmethod
+    def _caption(record: Mapping[str, Any]) -> str:
+        if "scene" in record:
+            return " & ".join(f"{o['colour']} {o['shape']}" for o in record["scene"]["objects"])
+        return str(record.get("prompt", ""))
+
+    def _clip_judge(self) -> Any:
+        if self._clip is None and self.clip_cfg.get("weights"):
+            from vargpt.eval.clip_score import load_open_clip
+
+            c = self.clip_cfg
+            self._clip = load_open_clip(c.get("arch", "ViT-B-32"), c["weights"], c.get("model_cfg"))
+        return self._clip
+
+    def _out_dir(self, trainer: pl.Trainer) -> Path:
+        path = Path(trainer.default_root_dir) / "eval"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _log(self, trainer: pl.Trainer, metrics: dict[str, float], grid: Image.Image | None, step: int) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        if grid is not None:
+            path = self._out_dir(trainer) / f"step_{step:07d}.png"
+            grid.save(path)
+            _log_artifact(trainer, path)
+
+    def _report_failure(self, trainer: pl.Trainer, step: int, text: str) -> None:
+        log.error("evaluation at step %d failed (training continues):\n%s", step, text)
+        try:
+            path = self._out_dir(trainer) / "errors.txt"
+            with path.open("a") as f:
+                f.write(f"== step {step}\n{text}\n")
+            _log_artifact(trainer, path)
+            for logger in trainer.loggers:
+                logger.log_metrics({"eval/failed": 1.0}, step=step)
+        except Exception:  # reporting must not fail the run either
+            log.exception("could not record the evaluation failure")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _log_artifact(trainer: pl.Trainer, path: Path) -> None:
+    """Attach a file to every MLflow logger's run (under ``eval/``)."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, MLFlowLogger):
+            logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="eval")
+
+
+def _gather(local: dict[str, Any], world: int) -> list[dict[str, Any]]:
+    """Every rank's results on every rank (pickled objects), or just ours in a single process."""
+    if world == 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [local]
+    parts: list[Any] = [None] * world
+    torch.distributed.all_gather_object(parts, local)
+    return parts
+
+
+def _is_sharded(model: Any) -> bool:
+    """Whether the model's parameters are sharded (FSDP2): then every forward is a collective."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - old torch
+        return False
+    return isinstance(model, FSDPModule)
+
+
+class _unsharded:  # noqa: N801 - used as a context manager
+    """Gather the root's sharded parameters for the evaluation (FSDP2); a no-op otherwise."""
+
+    def __init__(self, model: Any, sharded: bool) -> None:
+        self.model, self.sharded = model, sharded
+
+    def __enter__(self) -> None:
+        if self.sharded:
+            self.model.unshard()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.sharded:
+            self.model.reshard()

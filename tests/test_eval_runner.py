@@ -1,0 +1,209 @@
+"""``src/eval.py``: every benchmark on tiny parquet copies, the shapes world end to end, resume, errors.
+
+The model is the tiny one with random weights (``ckpt=null``): answers are nonsense, but every path (reading,
+prompting, batched generation, writing, scoring, MLflow, the table) runs for real.
+"""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from eval_fixtures import WRITERS, write_all, write_benchmark
+from hydra import compose, initialize_config_dir
+
+from vargpt.config import register_configs
+from vargpt.eval import runner
+from vargpt.eval.benchmarks import BENCHMARKS, BenchmarkFileNotFoundError
+from vargpt.model.vargpt import VARGPT
+
+REPO = Path(__file__).resolve().parents[1]
+CLIP_ARCH = "ViT-B-32"
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+FAST = ["max_new_tokens=4", "batch_size=4", "shapes.judge_validation=50", "shapes.t2i_max_new_tokens=2",
+        "shapes.force_image=true"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return write_all(tmp_path_factory.mktemp("benchmarks"))
+
+
+def compose_eval(tmp_path: Path, overrides: list[str]):
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("eval", overrides=[f"paths.log_dir={tmp_path / 'logs'}", f"paths.data_dir={tmp_path}",
+                                          *FAST, *overrides])  # fmt: skip
+
+
+class CountPrompts:
+    """Counts the prompts VARGPT.generate is asked to answer (monkeypatched in)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.n = 0
+        original = VARGPT.generate
+
+        def counting(model, conversations, *args, **kwargs):
+            self.n += len(conversations)
+            return original(model, conversations, *args, **kwargs)
+
+        monkeypatch.setattr(VARGPT, "generate", counting)
+
+
+@pytest.fixture
+def cached_model(monkeypatch):
+    """runner.load_model building the random tiny model once per module (the CLI test loads for real)."""
+    cache: dict[str, tuple] = {}
+    load = runner.load_model
+
+    def cached(cfg, out_dir):
+        if "model" not in cache:
+            cache["model"] = load(cfg, out_dir)
+        return cache["model"]
+
+    monkeypatch.setattr(runner, "load_model", cached)
+    yield
+    cache.clear()
+
+
+def test_every_benchmark_and_shapes_with_mlflow(tmp_path, data_root, cached_model):
+    """All ten benchmarks and the shapes world in one run: files, scores, the table and the MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    names = ["shapes", *BENCHMARKS]
+    cfg = compose_eval(tmp_path, [f"benchmarks=[{','.join(names)}]", f"data_root={data_root}", "limit=2",
+                                  "run_name=all"])  # fmt: skip
+    results = runner.run(cfg)
+    out_dir = Path(cfg.out_dir)
+    table = (out_dir / "table.txt").read_text()
+    for name in BENCHMARKS:
+        lines = (out_dir / name / "predictions.jsonl").read_text().splitlines()
+        assert len(lines) == 2, name
+        assert {"id", "prompt", "answers", "prediction"} <= json.loads(lines[0]).keys()
+        scores = json.loads((out_dir / name / "scores.json").read_text())
+        assert scores == results[name] and scores["n"] == 2 and scores["errors"] == 0, name
+        assert name in table, name
+    shapes = results["shapes"]
+    assert shapes["vqa/n"] == 2 and shapes["t2i/n"] == 2 and shapes["t2i/image_rate"] == 100.0
+    assert shapes["judge/validation_accuracy"] >= 98.0
+    assert len(list((out_dir / "shapes" / "images").glob("*.png"))) == 2
+    assert "vqa/accuracy" in table and "t2i/both" in table
+
+    client = MlflowClient(f"sqlite:///{(tmp_path / 'logs').resolve()}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("vargpt").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "all"
+    assert "pope/accuracy" in run.data.metrics and "mme/perception" in run.data.metrics
+    assert "shapes/t2i/both" in run.data.metrics and "shapes/vqa/accuracy" in run.data.metrics
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"pope", "shapes", "config"}
+
+
+def test_script_shapes_end_to_end(tmp_path, cached_model, monkeypatch, capsys):
+    """`python src/eval.py` with its defaults (the shapes world), run in this process through Hydra, prints both
+    scores and writes the shapes files (the model is the module's cached random tiny one)."""
+    log_dir = tmp_path / "logs"
+    argv = ["eval.py", "limit=2", "logger=none", f"paths.log_dir={log_dir}", f"paths.data_dir={tmp_path}", *FAST]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(REPO / "src" / "eval.py"), run_name="__main__")
+    stdout = capsys.readouterr().out
+    assert "vqa/accuracy" in stdout and "t2i/both" in stdout
+    (out_dir,) = (log_dir / "eval").iterdir()
+    assert out_dir.name.startswith("eval-")
+    assert {p.name for p in (out_dir / "shapes").iterdir()} >= {
+        "vqa_predictions.jsonl", "t2i_predictions.jsonl", "scores.json", "images", "run.json",
+    }  # fmt: skip
+    assert (out_dir / ".hydra" / "config.yaml").is_file()
+
+
+def test_resume_from_a_partial_predictions_file(tmp_path, data_root, monkeypatch, cached_model):
+    cfg = compose_eval(tmp_path, ["benchmarks=[pope]", f"data_root={data_root}", "logger=none"])
+    counter = CountPrompts(monkeypatch)
+    first = runner.run(cfg)["pope"]
+    assert counter.n == 4 and first["n"] == 4
+    path = Path(cfg.out_dir) / "pope" / "predictions.jsonl"
+    lines = path.read_text().splitlines()
+    # An interrupted run: two predictions written, the third cut in the middle of its line.
+    path.write_text("\n".join(lines[:2]) + "\n" + lines[2][:25])
+    counter.n = 0
+    second = runner.run(cfg)["pope"]
+    assert counter.n == 2  # only the missing questions were asked again
+    resumed = path.read_text().splitlines()
+    assert len(resumed) == 4 and resumed[:2] == lines[:2]
+    assert [json.loads(x)["id"] for x in resumed] == [json.loads(x)["id"] for x in lines]
+    assert second["accuracy"] == first["accuracy"]
+    # A finished benchmark is not asked again; other generation settings refuse to mix into its file.
+    counter.n = 0
+    runner.run(cfg)
+    assert counter.n == 0
+    other = compose_eval(tmp_path, ["benchmarks=[pope]", f"data_root={data_root}", "logger=none",
+                                    "max_new_tokens=3"])  # fmt: skip
+    with pytest.raises(ValueError, match="other settings"):
+        runner.run(other)
+
+
+def test_shapes_with_clip_and_resume(tmp_path, monkeypatch, cached_model):
+    torch.manual_seed(0)
+    weights = tmp_path / "clip.pt"
+    torch.save(open_clip.create_model(CLIP_ARCH, **TINY_CLIP).state_dict(), weights)
+    model_cfg = str(TINY_CLIP).replace("'", "")
+    cfg = compose_eval(tmp_path, ["limit=3", "logger=csv", f"clip.weights={weights}", f"clip.model_cfg={model_cfg}"])
+    counter = CountPrompts(monkeypatch)
+    scores = runner.run(cfg)["shapes"]
+    assert counter.n == 6  # 3 questions + 3 instructions
+    assert scores["vqa/n"] == 3 and scores["t2i/n"] == 3
+    for key in ("vqa/accuracy", "t2i/colour", "t2i/shape", "t2i/both", "t2i/clip_matched", "t2i/clip_shuffled"):
+        assert key in scores, key
+    assert 0 <= scores["t2i/clip_matched"] <= 100
+    table = (Path(cfg.out_dir) / "table.txt").read_text()
+    assert "t2i/clip_matched" in table
+    counter.n = 0
+    again = runner.run(cfg)["shapes"]
+    assert counter.n == 0  # everything was there already
+    assert {k: v for k, v in again.items() if not k.endswith("_per_s")} == {
+        k: v for k, v in scores.items() if not k.endswith("_per_s")
+    }
+
+
+def test_missing_files_and_unknown_names_are_clear(tmp_path):
+    empty = tmp_path / "empty"
+    write_benchmark("pope", empty)
+    cfg = compose_eval(tmp_path, ["benchmarks=[pope,mme]", f"data_root={empty}", "logger=none"])
+    with pytest.raises(BenchmarkFileNotFoundError, match=r"benchmark 'mme'.*lmms-lab/MME"):
+        runner.run(cfg)
+    assert not (Path(cfg.out_dir) / "pope").exists()  # checked before anything ran
+    with pytest.raises(ValueError, match="unknown benchmark.*okvqa.*known: shapes, vqav2"):
+        runner.run(compose_eval(tmp_path, ["benchmarks=[okvqa]"]))
+
+
+def test_fixtures_cover_every_benchmark():
+    assert set(WRITERS) == set(BENCHMARKS)
+
+
+def test_checkpoint_folders_and_files_load(tmp_path, data_root):
+    """An exported folder (and the training run folder holding it as export/) and a state-dict file with the
+    world's tokenizer are what ``ckpt=`` takes; each gives the model that was saved."""
+    from safetensors.torch import save_file
+
+    from vargpt.training.checkpointing import export_model
+
+    cfg = compose_eval(tmp_path, ["benchmarks=[pope]", f"data_root={data_root}", "logger=none", "limit=1"])
+    model, _ = runner.load_model(cfg, tmp_path)  # the random tiny model with a throwaway tokenizer
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    export_model(state, model, model.tokenizer, tmp_path / "run" / "export", "fp32")
+    model.tokenizer.save_pretrained(str(tmp_path / "shapes" / "tokenizer"))  # as if the world were built
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "weights.safetensors"))
+    for ckpt, kind in ((tmp_path / "run" / "export", "folder"), (tmp_path / "run", "folder"),
+                       (tmp_path / "weights.safetensors", "weights from")):  # fmt: skip
+        loaded, what = runner.load_model(compose_eval(tmp_path, [f"ckpt={ckpt}"]), tmp_path)
+        assert what.startswith(kind) or kind in what, what
+        assert torch.equal(loaded.state_dict()["language_model.lm_head.weight"], state["language_model.lm_head.weight"])
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        runner.load_model(compose_eval(tmp_path, [f"ckpt={tmp_path / 'nothing.ckpt'}"]), tmp_path)
