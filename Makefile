@@ -6,6 +6,10 @@ STAMP     := $(VENV)/.installed
 STAGE     ?= pretrain
 ARGS      ?=
 LOG_DIR   ?= logs
+BB_LOG    ?= logs/backbones
+BB_OUT    ?= backbones/shapes
+# The stage-0 recipes run at their own (CPU-sized) budgets: no experiment preset.
+BB_TRAIN   = $(BIN)/python src/train.py '~experiment' paths.log_dir=$(BB_LOG) trainer.enable_progress_bar=false
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-slow lint demo train backbones mlflow-ui clean
@@ -38,6 +42,18 @@ demo: $(STAMP) ## the three VARGPT stages on the embedded default (tiny model, s
 
 train: $(STAMP) ## one stage: make train STAGE=pretrain ARGS='trainer=gpu'
 	$(BIN)/python src/train.py stage=$(STAGE) paths.log_dir=$(LOG_DIR) $(ARGS)
+
+backbones: $(STAMP) ## retrain the shapes world's pretrained parts (stage-0 recipes) into backbones/shapes
+	$(BB_TRAIN) stage=world_vqvae $(ARGS)
+	$(BB_TRAIN) stage=world_var $(ARGS)
+	$(BB_TRAIN) stage=world_vision $(ARGS)
+	$(BB_TRAIN) stage=world_lm $(ARGS)
+	$(BB_TRAIN) stage=world_clip $(ARGS)
+	$(BIN)/python -m vargpt.backbones.assemble parts --log-dir $(BB_LOG) --out $(BB_LOG)/parts
+	$(BB_TRAIN) stage=world_llava_align model.init_from=$(BB_LOG)/parts $(ARGS)
+	$(BB_TRAIN) stage=world_llava_sft $(ARGS)
+	$(BIN)/python -m vargpt.backbones.assemble final --log-dir $(BB_LOG) --out $(BB_OUT) \
+		--command "make backbones ARGS='$(ARGS)'"
 
 mlflow-ui: $(STAMP) ## browse runs at http://127.0.0.1:5000 (local only)
 	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(abspath $(LOG_DIR))/mlflow.db

@@ -1,0 +1,222 @@
+"""LightningModules of the stage-0 recipes: the parts VARGPT's stage 1 starts from, trained from scratch.
+
+The real recipe starts from LLaVA-1.5, VAR-d30 and VAR's VQ-VAE; these modules make the same kinds of parts
+(at any size) so the embedded default does too, and so a user can train a VQ-VAE or a class-conditional VAR on
+their own images with the same app:
+
+* ``VQVAERecipe``: reconstruction + VQ losses (VAR's quantiser), codebook usage logged, dead codes revived.
+* ``ClassVARRecipe``: VAR's own recipe: teacher forcing over all scales, class dropout, uniform CE.
+* ``ContrastiveRecipe``: CLIP's symmetric InfoNCE for an image and a text tower (transformers' CLIPModel for
+  the vision tower VARGPT uses, open_clip for the CLIP-score judge).
+* ``CausalLMRecipe``: next-token prediction on the conversations' text (the LLM learns the language).
+
+They share optimisation with the VARGPT stages (vargpt.training.optim: AdamW groups, warmup + cosine).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vargpt.model.var import VAR
+from vargpt.model.vqvae import VQVAE
+from vargpt.training.optim import build_scheduler, param_groups
+
+
+def psnr_pm1(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2), per image, on the clamped reconstruction."""
+    mse = (recon.clamp(-1, 1) - target).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
+
+
+class RecipeModule(pl.LightningModule):
+    """AdamW with the project's groups and schedule, and per-epoch reseeding of the image stream."""
+
+    def __init__(self, lr: float, weight_decay: float, warmup_ratio: float, total_steps: int, betas=(0.9, 0.95)):
+        super().__init__()
+        self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
+        self.total_steps, self.betas = total_steps, tuple(betas)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = param_groups(self, self.lr, self.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
+        sched = build_scheduler(opt, self.total_steps, self.warmup_ratio, "cosine", 0.05)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_epoch_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        stream = getattr(dm, "train_stream", None)
+        if stream is not None:
+            stream.set_epoch(self.current_epoch)
+
+    def _log(self, prefix: str, values: dict[str, torch.Tensor], batch_size: int) -> None:
+        on_step = prefix == "train"
+        self.log_dict(
+            {f"{prefix}/{k}": v.detach().float() for k, v in values.items()},
+            on_step=on_step,
+            on_epoch=not on_step,
+            batch_size=batch_size,
+            sync_dist=not on_step,
+        )
+
+
+class VQVAERecipe(RecipeModule):
+    """Train a multi-scale VQ-VAE: MSE reconstruction + VAR's VQ loss; revive unused codes every N steps."""
+
+    def __init__(self, vqvae: VQVAE, revive_every: int = 50, **opt: Any) -> None:
+        super().__init__(**opt)
+        self.vqvae = vqvae
+        self.revive_every = revive_every
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        img = batch["images"]
+        out = self.vqvae(img)
+        recon = F.mse_loss(out.recon, img)
+        loss = recon + out.vq_loss
+        self._log("train", {"loss": loss, "loss_recon": recon, "vq_loss": out.vq_loss, "usage": out.usage}, len(img))
+        if self.revive_every and (self.global_step + 1) % self.revive_every == 0:
+            with torch.no_grad():
+                f_BCPP = self.vqvae.img_to_f(img)
+            revived = self.vqvae.revive_dead_codes(f_BCPP.permute(0, 2, 3, 1).reshape(-1, f_BCPP.shape[1]))
+            self.log("train/revived_codes", float(revived), on_step=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        img = batch["images"]
+        codes = self.vqvae.img_to_codes(img)
+        recon = self.vqvae.codes_to_img(codes)
+        used = torch.cat(codes, 1).unique().numel() / self.vqvae.V
+        self._log("val", {"psnr": psnr_pm1(recon, img).mean(), "codes_used": torch.tensor(used)}, len(img))
+
+
+class ClassVARRecipe(RecipeModule):
+    """VAR's training recipe on a frozen VQ-VAE: teacher forcing over all scales, class dropout, uniform CE."""
+
+    def __init__(self, var: VAR, vqvae: VQVAE, **opt: Any) -> None:
+        super().__init__(**opt)
+        self.var = var
+        self.vqvae = vqvae.requires_grad_(False).eval()
+        var.bind_vqvae(vqvae)
+
+    def train(self, mode: bool = True) -> ClassVARRecipe:
+        super().train(mode)
+        self.vqvae.eval()  # a frozen tokenizer
+        return self
+
+    def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        codes = self.vqvae.img_to_codes(batch["images"])
+        gt_BL = torch.cat(codes, 1)
+        logits_BLV = self.var(batch["labels"], self.vqvae.codes_to_teacher_input(codes))
+        ce_BL = F.cross_entropy(logits_BLV.transpose(1, 2), gt_BL, reduction="none")
+        hit_BL = (logits_BLV.argmax(-1) == gt_BL).float()
+        b, e = self.var.schedule.begin_end[-1]
+        return {
+            "loss": ce_BL.mean(),
+            "acc": hit_BL.mean(),
+            "loss_tail": ce_BL[:, b:e].mean(),
+            "acc_tail": hit_BL[:, b:e].mean(),
+        }
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        losses = self._losses(batch)
+        self._log("train", losses, len(batch["labels"]))
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._log("val", self._losses(batch), len(batch["labels"]))
+
+
+class ContrastiveRecipe(RecipeModule):
+    """CLIP's symmetric contrastive loss; ``tower`` maps (images, captions) to normalised features + scale.
+
+    One module serves both CLIPs of the embedded default: ``HFCLIPTower`` (transformers' CLIPModel: its vision
+    model becomes VARGPT's vision tower) and ``OpenCLIPTower`` (the open_clip judge of CLIP score).
+    """
+
+    def __init__(self, tower: nn.Module, **opt: Any) -> None:
+        super().__init__(**opt)
+        self.tower = tower
+
+    def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        img_NC, txt_NC, scale = self.tower(batch["images"], batch["captions"])
+        logits_NN = scale * img_NC @ txt_NC.T
+        # Captions repeat in a world of few attributes: a pair's positives are all items with the same caption.
+        caps = batch["captions"]
+        same_NN = torch.tensor([[a == b for b in caps] for a in caps], device=logits_NN.device, dtype=torch.float)
+        # same_NN is symmetric with equal row and column sums, so one target serves both directions.
+        target_NN = same_NN / same_NN.sum(1, keepdim=True)
+        loss = 0.5 * (F.cross_entropy(logits_NN, target_NN) + F.cross_entropy(logits_NN.T, target_NN))
+        acc = (same_NN.gather(1, logits_NN.argmax(1, keepdim=True)) > 0).float().mean()
+        return {"loss": loss, "acc_i2t": acc, "logit_scale": scale.detach()}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        losses = self._losses(batch)
+        self._log("train", losses, len(batch["captions"]))
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._log("val", self._losses(batch), len(batch["captions"]))
+
+
+class HFCLIPTower(nn.Module):
+    """transformers' CLIPModel with a project tokenizer: (images, captions) -> normalised features, scale."""
+
+    def __init__(self, clip: nn.Module, tokenizer: Any, max_length: int) -> None:
+        super().__init__()
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def forward(self, images: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tok = self.tokenizer(
+            captions, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(images.device)
+        # CLIP's text tower pools at the eos position: make sure every caption has one.
+        ids = tok["input_ids"]
+        lengths = tok["attention_mask"].sum(1).clamp(max=self.max_length - 1)
+        ids = ids.scatter(1, lengths[:, None], self.tokenizer.eos_token_id)
+        mask = tok["attention_mask"].scatter(1, lengths[:, None], 1)
+        img = self.clip.get_image_features(pixel_values=images)
+        txt = self.clip.get_text_features(input_ids=ids, attention_mask=mask)
+        img = getattr(img, "pooler_output", img)  # transformers 5.x returns an output object
+        txt = getattr(txt, "pooler_output", txt)
+        return F.normalize(img, dim=-1), F.normalize(txt, dim=-1), self.clip.logit_scale.exp().clamp(max=100)
+
+
+class OpenCLIPTower(nn.Module):
+    """An open_clip model and its tokenizer: (images, captions) -> normalised features, scale."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def forward(self, images: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tokens = self.tokenizer(captions).to(images.device)
+        img = self.model.encode_image(images, normalize=True)
+        txt = self.model.encode_text(tokens, normalize=True)
+        return img, txt, self.model.logit_scale.exp().clamp(max=100)
+
+
+class CausalLMRecipe(RecipeModule):
+    """Next-token prediction on token batches (``input_ids``, ``labels``) with a transformers causal LM."""
+
+    def __init__(self, llm: nn.Module, **opt: Any) -> None:
+        super().__init__(**opt)
+        self.llm = llm
+
+    def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out = self.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        return {"loss": out.loss, "ppl": torch.exp(out.loss.detach().clamp(max=20))}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        losses = self._losses(batch)
+        self._log("train", losses, len(batch["input_ids"]))
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._log("val", self._losses(batch), len(batch["input_ids"]))
