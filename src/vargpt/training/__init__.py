@@ -1,0 +1,1 @@
+"""Training app library: stage policy, optimizer, parallelism, tracking, checkpoints, callbacks, the task."""

@@ -1,0 +1,204 @@
+"""The LightningModule around VARGPT, and the Lightning Trainer built from the typed trainer config.
+
+The module holds no model-specific math: the model computes its losses; the stage (stage.py) decides what
+trains; optim.py builds the optimizer and schedule; parallel.py shards. What is here: the stage's weighting
+of the two losses, metrics averaged over the micro batches of an optimizer step and over ranks (one
+collective per step), gradient clipping with the norm logged, and frozen sub-modules kept in eval mode.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.strategies import ModelParallelStrategy
+from omegaconf import DictConfig
+from torch import nn
+
+from vargpt.training.optim import accumulation_steps, build_scheduler, param_groups
+from vargpt.training.parallel import align_branches, apply_activation_checkpointing, build_strategy, shard_fsdp2
+from vargpt.training.stage import apply_stage, set_frozen_eval
+
+# Frozen sub-modules are in eval mode on purpose (stage.py); Lightning warns about every such module.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+
+def metric_names(num_scales: int) -> list[str]:
+    """The step metrics, in a fixed order so that every rank reduces the same vector."""
+    names = ["loss", "loss_text", "acc_text", "loss_image", "acc_image", "loss_image_tail", "acc_image_tail"]
+    return names + [f"{m}_image_s{k}" for k in range(num_scales) for m in ("loss", "acc")]
+
+
+class VARGPTModule(pl.LightningModule):
+    """Trains a VARGPT for one stage (``cfg.stage``) with the parallelism of ``cfg.trainer``."""
+
+    def __init__(
+        self, model: nn.Module, stage: DictConfig, trainer_cfg: DictConfig, total_steps: int, seed: int
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.seed = seed
+        self.stage = stage
+        self.trainer_cfg = trainer_cfg
+        self.total_steps = total_steps
+        self.report = apply_stage(model, stage.trainable, stage.name)
+        self.metric_names = metric_names(len(model.cfg.vqvae.patch_nums))
+        # (sum, count) per metric since the last log, for "train" (one optimizer step) and "val" (one pass).
+        self._sums = {split: torch.zeros(2, len(self.metric_names)) for split in ("train", "val")}
+        self._grad_norm: torch.Tensor | None = None
+        self._configured = False
+
+    # ------------------------------------------------------------------ parallelism
+    def configure_model(self) -> None:
+        """Activation checkpointing and FSDP2 sharding, once (Lightning may call this more than once)."""
+        if self._configured:
+            return
+        self._configured = True
+        if self.trainer_cfg.activation_checkpointing:
+            # A recomputed LLM layer would append its keys to the KV cache a second time (HF's own gradient
+            # checkpointing turns the cache off too); training needs no cache.
+            self.model.language_model.config.use_cache = False
+            apply_activation_checkpointing(self.model.fsdp_units())
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+            mp = str(self.trainer_cfg.fsdp.mixed_precision.value)
+            on_gpu_bf16 = self.trainer.strategy.root_device.type == "cuda" and "bf16" in str(self.trainer.precision)
+            shard_fsdp2(
+                self.model,
+                self.device_mesh["data_parallel"],
+                bf16=mp == "bf16" or (mp == "auto" and on_gpu_bf16),
+                reshard_after_forward=self.trainer_cfg.fsdp.reshard_after_forward,
+            )
+
+    def train(self, mode: bool = True) -> VARGPTModule:
+        """Lightning switches the whole module to train mode; frozen sub-modules go back to eval."""
+        super().train(mode)
+        if mode:
+            set_frozen_eval(self.model, self.report.frozen_modules)
+        return self
+
+    # ------------------------------------------------------------------ steps
+    def _forward(self, batch: dict[str, Any]) -> tuple[Any, torch.Tensor]:
+        """Model outputs and the stage's loss; under sharding, every rank runs the same branches."""
+        dummy_gen = False
+        if isinstance(self.trainer.strategy, ModelParallelStrategy) and self.trainer.world_size > 1:
+            batch, dummy_gen = align_branches(batch, self.model)
+        out = self.model(batch)
+        w = self.stage.loss_weights
+        loss = w.text * out.loss_text
+        if out.loss_image is not None:
+            # A dummy generation sample only keeps the collectives in step: it must not teach anything.
+            loss = loss + (0.0 if dummy_gen else w.image) * out.loss_image
+        if dummy_gen:
+            out.metrics = {k: v for k, v in out.metrics.items() if "image" not in k}
+        return out, loss
+
+    def _accumulate(self, split: str, metrics: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+        values = {**metrics, "loss": loss.detach()}
+        sums = self._sums[split].to(loss.device)
+        for i, name in enumerate(self.metric_names):
+            if name in values:
+                sums[0, i] += values[name].float()
+                sums[1, i] += 1
+        self._sums[split] = sums
+
+    def _log_means(self, split: str, **log_kwargs: Any) -> dict[str, torch.Tensor]:
+        """Log the means over the accumulated batches of all ranks; a metric no rank saw is left out.
+
+        One all-reduce of a fixed-size vector: ranks whose batches held different tasks still agree on it
+        (Lightning's own sync would reduce metric by metric, and hang when the ranks' metric sets differ).
+        """
+        sums = self.trainer.strategy.reduce(self._sums[split].to(self.device), reduce_op="sum")
+        self._sums[split] = torch.zeros_like(sums)
+        means = {f"{split}/{n}": sums[0, i] / sums[1, i] for i, n in enumerate(self.metric_names) if sums[1, i] > 0}
+        self.log_dict(means, rank_zero_only=True, **log_kwargs)
+        return means
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Seed from (seed, micro batch, rank): Lightning checkpoints hold no RNG state, and VAR's condition
+        dropout must draw the same after a resume as in an uninterrupted run."""
+        n = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        torch.manual_seed((self.seed * 1_000_003 + n * 1_009 + self.global_rank) % 2**63)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        out, loss = self._forward(batch)
+        self._accumulate("train", out.metrics, loss)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.trainer.fit_loop.epoch_loop._should_accumulate():
+            return
+        means = self._log_means("train", on_step=True, on_epoch=False)
+        if self._grad_norm is not None:
+            self.log("train/grad_norm", self._grad_norm, on_step=True, on_epoch=False, rank_zero_only=True)
+        self.log("loss", means["train/loss"], prog_bar=True, logger=False, rank_zero_only=True)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        out, loss = self._forward(batch)
+        self._accumulate("val", out.metrics, loss)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_means("val", on_step=False, on_epoch=True)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW over the trainable parameters (as sharded, if sharded) with the stage's groups and schedule."""
+        opt_cfg = self.stage.optimizer
+        groups = param_groups(self.model, opt_cfg.lr, opt_cfg.weight_decay, self.stage.lr_by_module)
+        optimizer = instantiate(opt_cfg, betas=tuple(opt_cfg.betas))(groups)
+        sched = self.stage.scheduler
+        scheduler = build_scheduler(
+            optimizer, self.total_steps, sched.warmup_ratio, str(sched.name.value), sched.min_lr_ratio
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None, **_: Any) -> None:
+        """Clip to ``stage.grad_clip`` (0 = no clipping) and keep the pre-clip norm for logging."""
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        max_norm = self.stage.grad_clip if self.stage.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        # Under FSDP2 the norm is a DTensor; the logger wants a plain tensor.
+        self._grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def build_trainer(cfg: DictConfig, max_steps: int, callbacks: list[pl.Callback], logger: Any) -> pl.Trainer:
+    """The Lightning Trainer of ``cfg.trainer`` for a stage of ``max_steps`` optimizer steps.
+
+    Gradient accumulation is set afterwards by ``set_accumulation``: it needs the world size, which the
+    Trainer resolves from devices and num_nodes.
+    """
+    t = cfg.trainer
+    validating = bool(t.val_every_n_steps)
+    return pl.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=build_strategy(t.strategy.value, t.find_unused_parameters, t.fsdp.save_distributed_checkpoint),
+        precision=t.precision,
+        max_steps=max_steps,
+        # Budgets are in samples (steps); the data module's "epochs" are only virtual stream lengths.
+        max_epochs=-1,
+        check_val_every_n_epoch=None if validating else 1,
+        limit_val_batches=t.limit_val_batches if validating else 0,
+        num_sanity_val_steps=t.num_sanity_val_steps,
+        log_every_n_steps=t.log_every_n_steps,
+        deterministic=t.deterministic,
+        enable_progress_bar=t.enable_progress_bar,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        logger=logger if logger is not None else False,
+        default_root_dir=cfg.paths.run_dir,
+    )
+
+
+def set_accumulation(trainer: pl.Trainer, cfg: DictConfig, micro_batch_size: int) -> int:
+    """Derive gradient accumulation from the stage's global batch, the micro batch and the world size."""
+    accumulate = accumulation_steps(cfg.stage.global_batch_size, micro_batch_size, trainer.world_size)
+    trainer.accumulate_grad_batches = accumulate
+    if cfg.trainer.val_every_n_steps:
+        # Lightning counts validation intervals in micro batches.
+        trainer.val_check_interval = cfg.trainer.val_every_n_steps * accumulate
+    return accumulate

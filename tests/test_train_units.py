@@ -1,0 +1,251 @@
+"""Unit tests of the training building blocks: stage policy, optimizer groups and schedule, batch arithmetic,
+tracking helpers, resume resolution, the SIGTERM handler and the FLOP count. No Trainer runs here."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from vargpt.model import SpecialTokenIds, build_vargpt, load_model_config
+from vargpt.training import checkpointing as ckpt
+from vargpt.training import tracking
+from vargpt.training.callbacks import StepFlops
+from vargpt.training.optim import accumulation_steps, lr_factor, optimizer_steps, param_groups
+from vargpt.training.stage import apply_stage
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+IDS = SpecialTokenIds(image=4, pad=3, gen_start=5, gen_end=6, gen_pad=7, eos=2, bos=1)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_vargpt(load_model_config(CONF / "model" / "tiny.yaml"), IDS)
+
+
+def stage_trainable(name: str) -> dict:
+    return dict(OmegaConf.load(CONF / "stage" / f"{name}.yaml").stage.trainable)
+
+
+def under(name: str, *prefixes: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+# --------------------------------------------------------------------------------------------- stage policy
+EXPECTED = {
+    # VARGPT-REFERENCE.md 5.1 ("effectively trainable"), with the paper figure's stage-2 projector.
+    "pretrain": ("image_gen_projector", "image_gen_projector_out", "vargpt_gen.class_emb"),
+    "sft_mixed": ("language_model", "multi_modal_projector"),
+    "sft_gen": ("image_gen_projector", "image_gen_projector_out", "vargpt_gen"),
+}
+
+
+@pytest.mark.parametrize("stage", list(EXPECTED))
+def test_stage_trains_exactly_the_reference_parameters(tiny, stage):
+    report = apply_stage(tiny, stage_trainable(stage), stage)
+    names = [n for n, _ in tiny.named_parameters()]
+    expected = {n for n in names if under(n, *EXPECTED[stage])}
+    assert set(report.trainable_names) == expected
+    assert {n for n, p in tiny.named_parameters() if p.requires_grad} == expected
+    # Never the vision tower or the VQ-VAE.
+    assert not any(under(n, "vision_tower", "vae_local") for n in expected)
+    assert report.num_trainable == sum(p.numel() for n, p in tiny.named_parameters() if n in expected)
+
+
+def test_stage_prefixes_are_not_substrings(tiny):
+    report = apply_stage(tiny, stage_trainable("pretrain"), "pretrain")
+    trained = set(report.trainable_names)
+    assert "vargpt_gen.class_emb.weight" in trained
+    assert "image_gen_projector_out.mlp.0.weight" in trained
+    # The release's substring match would hit these; prefixes do not.
+    assert "vargpt_gen.head_nm.ada_lin.1.weight" not in trained
+    assert "vargpt_gen.head.weight" not in trained
+    assert not any(n.startswith("language_model") for n in trained)
+
+
+def test_stage2_projector_switch(tiny):
+    trainable = {**stage_trainable("sft_mixed"), "multi_modal_projector": False}
+    report = apply_stage(tiny, trainable, "sft_mixed")
+    assert not any(n.startswith("multi_modal_projector") for n in report.trainable_names)
+    assert "language_model.lm_head.weight" in report.trainable_names
+
+
+def test_frozen_modules_stay_in_eval_mode(tiny):
+    report = apply_stage(tiny, stage_trainable("pretrain"), "pretrain")
+    tiny.train()
+    from vargpt.training.stage import set_frozen_eval
+
+    set_frozen_eval(tiny, report.frozen_modules)
+    assert not tiny.vargpt_gen.blocks.training and not tiny.language_model.training
+    assert not tiny.vae_local.training and not tiny.vision_tower.training
+    assert tiny.image_gen_projector.training and tiny.vargpt_gen.training  # partly trainable parent
+    assert "vargpt_gen.blocks" in report.frozen_modules
+    table = report.table()
+    assert "vargpt_gen.class_emb" in table and "language_model" in table
+
+
+def test_nested_prefix_longest_wins(tiny):
+    report = apply_stage(tiny, {"vargpt_gen": True, "vargpt_gen.class_emb": False}, "x")
+    assert "vargpt_gen.class_emb.weight" not in report.trainable_names
+    assert "vargpt_gen.head.weight" in report.trainable_names
+
+
+@pytest.mark.parametrize(
+    ("trainable", "message"),
+    [
+        ({"image_gen_projektor": True}, "names no sub-module"),
+        ({"vae_local": True}, "stays frozen"),
+        ({"language_model": False}, "trains nothing"),
+    ],
+)
+def test_stage_errors_name_the_problem(tiny, trainable, message):
+    with pytest.raises(ValueError, match=message):
+        apply_stage(tiny, trainable, "bad")
+
+
+# --------------------------------------------------------------------------------------------- optimizer
+def test_param_groups_no_decay_and_module_lrs(tiny):
+    apply_stage(tiny, stage_trainable("sft_gen"), "sft_gen")
+    groups = param_groups(tiny, lr=1e-4, weight_decay=0.1, lr_by_module={"vargpt_gen.blocks": 5e-5})
+    by_name = {g["name"]: g for g in groups}
+    assert set(by_name) == {
+        "default/decay",
+        "default/no_decay",
+        "vargpt_gen.blocks/decay",
+        "vargpt_gen.blocks/no_decay",
+    }
+    no_decay = set(by_name["default/no_decay"]["param_names"]) | set(
+        by_name["vargpt_gen.blocks/no_decay"]["param_names"]
+    )
+    for n in (
+        "vargpt_gen.pos_start",
+        "vargpt_gen.pos_1LC",
+        "vargpt_gen.class_emb.weight",
+        "vargpt_gen.lvl_embed.weight",
+    ):
+        assert n in no_decay
+    assert "image_gen_projector.ln_q.weight" in no_decay
+    assert all(n.endswith("weight") for n in by_name["default/decay"]["param_names"])
+    assert by_name["vargpt_gen.blocks/decay"]["lr"] == 5e-5 and by_name["default/decay"]["lr"] == 1e-4
+    assert all(g["weight_decay"] == 0.0 for k, g in by_name.items() if k.endswith("no_decay"))
+    trained = {n for n, p in tiny.named_parameters() if p.requires_grad}
+    assert {n for g in groups for n in g["param_names"]} == trained  # frozen parameters stay out
+    with pytest.raises(ValueError, match="match no trainable"):
+        param_groups(tiny, 1e-4, 0.0, {"language_model": 1e-5})
+
+
+def test_schedule_warmup_then_cosine():
+    total, warmup = 100, 10
+    f = [lr_factor(s, total, warmup, "cosine", 0.1) for s in range(total)]
+    assert f[0] == pytest.approx(0.1) and f[warmup - 1] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[warmup:], f[warmup + 1 :], strict=False))
+    assert lr_factor(total, total, warmup, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_factor(50, 100, 0, "constant", 0.0) == 1.0
+    assert lr_factor(55, 100, 10, "linear", 0.0) == pytest.approx(0.5)
+
+
+def test_batch_arithmetic():
+    assert accumulation_steps(128, 8, 8) == 2  # the released stage 3: 8 per device x 2 x 8 GPUs
+    assert accumulation_steps(16, 8, 1) == 2
+    with pytest.raises(ValueError, match="not a multiple"):
+        accumulation_steps(100, 8, 2)
+    assert optimizer_steps(1000, 128) == 8
+
+
+# --------------------------------------------------------------------------------------------- tracking
+def test_tracking_helpers(tmp_path):
+    assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    flat = tracking.flatten({"a": {"b": 1, "c": [1, 2]}, "d": None})
+    assert flat == {"a.b": "1", "a.c": "[1, 2]", "d": "None"}
+    sha, dirty = tracking.git_state(Path(__file__).parent)
+    assert len(sha) == 40 and isinstance(dirty, bool)
+    assert tracking.git_state(tmp_path) == ("unknown", False)
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+def test_resume_resolution(tmp_path):
+    assert ckpt.resolve_resume("auto", tmp_path) is None
+    assert ckpt.resolve_resume("false", tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="resume=true"):
+        ckpt.resolve_resume("true", tmp_path)
+    (tmp_path / "last.ckpt").write_bytes(b"x")
+    assert ckpt.resolve_resume("auto", tmp_path) == str(tmp_path / "last.ckpt")
+    assert ckpt.resolve_resume("True", tmp_path) == str(tmp_path / "last.ckpt")
+    assert ckpt.resolve_resume("false", tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        ckpt.resolve_resume(str(tmp_path / "nope.ckpt"), tmp_path)
+
+
+def test_stage_record_round_trip(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Run stage=pretrain first"):
+        ckpt.resolve_init_from("previous", "pretrain", tmp_path)
+    record = ckpt.StageRecord("pretrain", "pretrain-tiny-x", "/c/last.ckpt", None, "abc", 10, ckpt.now())
+    path = ckpt.write_stage_record(tmp_path, record)
+    assert json.loads(path.read_text())["mlflow_run_id"] == "abc"
+    assert ckpt.resolve_init_from("previous", "pretrain", tmp_path) == ("/c/last.ckpt", "abc")
+    assert ckpt.resolve_init_from(None, "pretrain", tmp_path) == (None, None)
+
+
+def test_init_weights_from_lightning_checkpoint(tiny, tmp_path):
+    """A Lightning checkpoint's ``model.``-prefixed state dict loads strictly into a fresh model."""
+    from vargpt.checkpoint import CheckpointMismatchError
+
+    state = {f"model.{k}": v.clone() for k, v in tiny.state_dict().items()}
+    state["model.image_gen_projector.mlp.0.weight"] += 1
+    torch.save({"state_dict": state, "global_step": 3}, tmp_path / "a.ckpt")
+    fresh = build_vargpt(load_model_config(CONF / "model" / "tiny.yaml"), IDS)
+    ckpt.load_init_weights(fresh, tmp_path / "a.ckpt")
+    assert torch.equal(fresh.image_gen_projector.mlp[0].weight, tiny.image_gen_projector.mlp[0].weight + 1)
+    del state["model.vargpt_gen.head.weight"]
+    torch.save({"state_dict": state}, tmp_path / "b.ckpt")
+    with pytest.raises(CheckpointMismatchError, match="vargpt_gen.head.weight"):
+        ckpt.load_init_weights(fresh, tmp_path / "b.ckpt")
+
+
+# --------------------------------------------------------------------------------------------- FLOPs
+def _batch(B=2, T=40, n_gen=1, n_und=1, cfg=None):
+    L = sum(p * p for p in cfg.vqvae.patch_nums)
+    return {
+        "input_ids": torch.zeros(B, T, dtype=torch.long),
+        "labels": torch.full((B, T), -100),
+        "pixel_values": torch.zeros(n_und, 3, 32, 32),
+        "gen_codes": torch.zeros(n_gen, L, dtype=torch.long),
+    }
+
+
+def test_flops_follow_the_stage(tiny):
+    batch = _batch(cfg=tiny.cfg)
+    apply_stage(tiny, stage_trainable("sft_gen"), "sft_gen")
+    flops3 = StepFlops(tiny)
+    # Stage 3: frozen LLM still back-propagates (the input projector trains); vision tower forward only.
+    assert flops3.needs_input_grad["language_model"] and not flops3.needs_input_grad["vision_tower"]
+    assert flops3.trained["language_model"] == 0 and flops3.trained["var_decoder"] == flops3.matmul["var_decoder"]
+    apply_stage(tiny, stage_trainable("sft_mixed"), "sft_mixed")
+    flops2 = StepFlops(tiny)
+    # Stage 2: nothing upstream of the generation input projector trains.
+    assert not flops2.needs_input_grad["image_gen_projector"] and flops2.needs_input_grad["var_decoder"]
+    n_llm = flops2.matmul["language_model"]
+    llm_only = 6 * n_llm * 2 * 40  # trained LLM: 6N per token
+    assert flops2(batch) > llm_only and math.isfinite(flops3(batch))
+
+
+# --------------------------------------------------------------------------------------------- FSDP branch alignment
+def test_dummy_branches_run_the_units_without_teaching(tiny):
+    """A rank whose batch lacks images gets dummy ones (fully masked): the text loss is unchanged and the vision
+    tower and the VAR blocks run, as they do on the ranks whose batches have images."""
+    from vargpt.training.parallel import add_missing_branches, branch_presence
+
+    tiny.eval()
+    ids = torch.tensor([[10, 11, 12, 13, IDS.eos]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    plain = tiny(batch)
+    padded = add_missing_branches(batch, tiny, und=True, gen=True)
+    assert branch_presence(padded) == (True, True) and branch_presence(batch) == (False, False)
+    assert padded["input_ids"].shape[0] == 3 and (padded["labels"][1:] == -100).all()
+    out = tiny(padded)
+    assert out.loss_image is not None
+    assert torch.allclose(out.loss_text, plain.loss_text, atol=1e-6)
