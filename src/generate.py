@@ -21,6 +21,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from vargpt.model.config import register_resolvers
+
 log = logging.getLogger("generate")
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -131,6 +133,9 @@ def run(cfg: DictConfig) -> Path:
     path.write_text(json.dumps(manifest, indent=2))
     log.info("wrote %d image(s) and %s", sum(len(s["images"]) for s in samples), path)
     return path
+
+
+register_resolvers()  # ${vargpt_repo:} in conf/model
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")

@@ -28,11 +28,13 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from vargpt.backbones.config import RecipeConfig
 from vargpt.data.config import DataConfig
-from vargpt.model.config import ModelConfig
+from vargpt.model.config import ModelConfig, register_resolvers
 
 STAGE_NAMES = ("pretrain", "sft_mixed", "sft_gen")
 # The embedded default's stage-0 stages (conf/stage/world_*.yaml): backbones made by the project's recipes.
-WORLD_STAGE_NAMES = ("world_vqvae", "world_var", "world_vision", "world_lm", "world_clip", "world_llava_align", "world_llava_sft")
+WORLD_STAGE_NAMES = (
+    "world_vqvae", "world_var", "world_vision", "world_lm", "world_clip", "world_llava_align", "world_llava_sft",
+)  # fmt: skip
 EXPORT_DTYPES = ("bf16", "fp32", "none")
 
 
@@ -226,6 +228,7 @@ def short_hash(text: str, n: int = 8) -> str:
 
 def register_configs() -> None:
     """Register the root schema and the ``vargpt_hash`` resolver; idempotent (tests compose many times)."""
+    register_resolvers()
     if not OmegaConf.has_resolver("vargpt_hash"):
         OmegaConf.register_new_resolver("vargpt_hash", lambda s: short_hash(str(s)))
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)

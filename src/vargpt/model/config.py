@@ -12,6 +12,18 @@ from typing import Any
 
 from vargpt.model.scales import VAR_PATCH_NUMS, ScaleSchedule
 
+# The checkout this package runs from (an editable install): configs name committed files relative to it with
+# ${vargpt_repo:}, so they resolve the same from any working directory.
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+def register_resolvers() -> None:
+    """Register ``${vargpt_repo:}`` with OmegaConf (idempotent)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("vargpt_repo"):
+        OmegaConf.register_new_resolver("vargpt_repo", lambda: str(REPO_ROOT))
+
 
 @dataclass
 class LLMConfig:
@@ -128,6 +140,7 @@ def load_model_config(path: str | Path, overrides: list[str] | None = None) -> M
     """Read a ``conf/model/*.yaml`` file into a validated ModelConfig (outside Hydra: notebooks, tools, tests)."""
     from omegaconf import OmegaConf
 
+    register_resolvers()
     schema = OmegaConf.structured(ModelConfig)
     merged = OmegaConf.merge(schema, OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides or [])))
     cfg: ModelConfig = OmegaConf.to_object(merged)

@@ -235,9 +235,7 @@ class Decoder(nn.Module):
         for i in reversed(range(n)):
             block_out = ch * ch_mult[i]
             with_attn = i == n - 1 and using_sa
-            levels.insert(
-                0, UpLevel(block_in, block_out, num_res_blocks + 1, dropout, with_attn, i != 0, norm_groups)
-            )
+            levels.insert(0, UpLevel(block_in, block_out, num_res_blocks + 1, dropout, with_attn, i != 0, norm_groups))
             block_in = block_out
         self.up = nn.ModuleList(levels)
         self.norm_out = group_norm(block_in, norm_groups)
