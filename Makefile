@@ -35,10 +35,12 @@ lint: $(STAMP) ## ruff lint and format check
 	$(BIN)/ruff check src tests data_prep bench
 	$(BIN)/ruff format --check src tests data_prep bench
 
-demo: $(STAMP) ## the three VARGPT stages on the embedded default (tiny model, shapes world)
+demo: $(STAMP) ## the three VARGPT stages on the embedded default (tiny model, shapes world), then evaluation
 	$(BIN)/python src/train.py stage=pretrain paths.log_dir=$(LOG_DIR) $(ARGS)
 	$(BIN)/python src/train.py stage=sft_mixed paths.log_dir=$(LOG_DIR) $(ARGS)
 	$(BIN)/python src/train.py stage=sft_gen paths.log_dir=$(LOG_DIR) $(ARGS)
+	$(BIN)/python src/eval.py paths.log_dir=$(LOG_DIR) ckpt=$$($(BIN)/python -c \
+		"import json; print(json.load(open('$(LOG_DIR)/stages/sft_gen.json'))['export_dir'])")
 
 train: $(STAMP) ## one stage: make train STAGE=pretrain ARGS='trainer=gpu'
 	$(BIN)/python src/train.py stage=$(STAGE) paths.log_dir=$(LOG_DIR) $(ARGS)

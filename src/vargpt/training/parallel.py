@@ -11,6 +11,10 @@ On a GPU with a bf16 trainer precision the units compute in bf16 (reduce in fp32
 out of sharding (replicated, like a buffer): its codes must not depend on the compute dtype (VARGPT-REFERENCE.md
 9.8), and the model calls its methods (``img_to_codes``), not its forward, which FSDP's hooks would need.
 
+Every rank must run the same units in the same order (each gathers its parameters collectively): a rank whose
+micro batch has no understanding image, or no generation target, while another's has, gets a masked dummy one
+(``align_branches``).
+
 Activation checkpointing uses the composable ``checkpoint`` API, which does not wrap modules, so state-dict
 keys keep the released names.
 """
