@@ -1,0 +1,375 @@
+"""Model FLOPs of a training step, counted from the model and the batch: the numerator of MFU.
+
+Reusable outside the bench scripts (no imports beyond torch): ``VARGPTFlops(model)(batch)`` for a VARGPT
+micro batch under the model's current ``requires_grad`` (the stage's trainable set), ``VARFlops(var)(B)`` for
+the class-conditional VAR decoder step. Both return a ``FlopCount`` (forward/backward per part).
+
+The rule (2 FLOPs per multiply-accumulate; N_c = multiply-accumulates of part c's weight matrices per token)::
+
+    forward                                   2 N_c                      every part that runs
+    backward, gradient w.r.t. activations     2 N_c                      only where a gradient flows through c:
+                                                                         c holds a trainable weight, or a part
+                                                                         upstream of c does
+    backward, gradient w.r.t. weights         2 N_c(trainable)           only c's trainable weights
+
+so a trained part costs 6N per token (the usual "6N rule"), a frozen part on the gradient path 4N (stage 1 and
+3 back-propagate through the frozen 7B LLM to reach the generation projectors), a frozen part off it 2N (the
+vision tower). Attention has no weights; per layer and sequence its forward is ``4 * d * pairs`` (QK^T and
+AV, d = heads x head_dim) and its backward twice that where a gradient flows, with ``pairs`` the
+query-key pairs the mask lets through:
+
+    LLM (causal)                 sum over rows of n(n+1)/2, n = the row's real (unpadded) tokens
+    vision tower (bidirectional) (P+1)^2 per image (P patches + CLS)
+    VAR decoder (block-causal)   sum_k p_k^2 * (p_0^2 + ... + p_k^2) per image (a token sees its own and
+                                 every coarser scale: 286,434 pairs of 680^2 = 462,400 at 256 px)
+
+Tokens per part: the LLM counts real tokens only (padding is waste, not work: length grouping shows up as
+MFU), the LM head only the labelled positions (the model runs it on those alone), the vision tower P+1 per
+understanding image, the generation projectors and VAR blocks L per generated image. VAR's AdaLN projections
+(``ada_lin``: 6C x C per block) act on the condition vector once per image, not per token, so they count per
+image (the official VAR throughput figures, and ``6 * params * tokens``, count them per token: see
+``VARFlops.reference_6n``).
+
+Not counted: embedding lookups, norms, activations, softmax, the losses, the optimizer update (about 10-20
+FLOPs per trainable parameter, element-wise), and recomputation (activation checkpointing, flash attention's
+backward): this is model FLOPs (MFU), not hardware FLOPs (HFU). The frozen VQ-VAE that turns target pixels
+into codes is a tokenizer: its forward FLOPs are reported apart (``FlopCount.excluded``) and not in MFU, so
+that precomputed codes show up as a higher MFU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Part:
+    """A component of the data flow: the parameters under ``prefixes`` and the parts that feed it."""
+
+    prefixes: tuple[str, ...]
+    upstream: tuple[str, ...] = ()
+
+
+# VARGPT's data flow (VARGPT-REFERENCE.md 2.2): pixels -> vision -> projector -> LLM; codes -> VAR input
+# embeddings -> gen projector -> LLM -> gen projector out -> VAR blocks (which also take the class condition).
+VARGPT_PARTS: dict[str, Part] = {
+    "vision_patch": Part(("vision_tower.vision_model.embeddings",)),
+    "vision_tower": Part(("vision_tower",), ("vision_patch",)),
+    "multi_modal_projector": Part(("multi_modal_projector",), ("vision_tower",)),
+    "var_embed": Part(
+        tuple(f"vargpt_gen.{n}" for n in ("word_embed", "class_emb", "pos_start", "pos_1LC", "lvl_embed"))
+    ),
+    "image_gen_projector": Part(("image_gen_projector",), ("var_embed",)),
+    "language_model": Part(("language_model.model",), ("multi_modal_projector", "image_gen_projector")),
+    "lm_head": Part(("language_model.lm_head",), ("language_model",)),
+    "image_gen_projector_out": Part(("image_gen_projector_out",), ("language_model",)),
+    "var_blocks": Part(
+        ("vargpt_gen.blocks", "vargpt_gen.head_nm", "vargpt_gen.head"), ("image_gen_projector_out", "var_embed")
+    ),
+}
+
+# The class-conditional VAR alone (names relative to the VAR module).
+VAR_PARTS: dict[str, Part] = {
+    "var_embed": Part(("word_embed", "class_emb", "pos_start", "pos_1LC", "lvl_embed")),
+    "var_blocks": Part(("blocks", "head_nm", "head"), ("var_embed",)),
+}
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def causal_pairs(n: int) -> int:
+    """Query-key pairs of causal attention over n tokens (the diagonal included)."""
+    return n * (n + 1) // 2
+
+
+def block_causal_pairs(patch_nums: Sequence[int]) -> int:
+    """Query-key pairs of VAR's block-causal mask: a token of scale k sees every token of scales <= k."""
+    pairs = cum = 0
+    for p in patch_nums:
+        cum += p * p
+        pairs += p * p * cum
+    return pairs
+
+
+@dataclass
+class PartWeights:
+    """Multiply-accumulates of one part's weight matrices, per token and per sample (AdaLN), all/trainable."""
+
+    per_token: int = 0
+    per_token_trained: int = 0
+    per_sample: int = 0
+    per_sample_trained: int = 0
+    params: int = 0
+    trainable: bool = False
+
+
+@dataclass
+class FlopCount:
+    """FLOPs of one micro batch: ``parts[name] = (forward, backward)``; ``excluded``: not in MFU."""
+
+    parts: dict[str, tuple[float, float]] = field(default_factory=dict)
+    excluded: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def forward(self) -> float:
+        return sum(f for f, _ in self.parts.values())
+
+    @property
+    def backward(self) -> float:
+        return sum(b for _, b in self.parts.values())
+
+    @property
+    def total(self) -> float:
+        return self.forward + self.backward
+
+    def __add__(self, other: FlopCount) -> FlopCount:
+        parts = dict(self.parts)
+        for k, (f, b) in other.parts.items():
+            f0, b0 = parts.get(k, (0.0, 0.0))
+            parts[k] = (f0 + f, b0 + b)
+        excluded = dict(self.excluded)
+        for k, v in other.excluded.items():
+            excluded[k] = excluded.get(k, 0.0) + v
+        return FlopCount(parts, excluded)
+
+    def rows(self) -> list[list[str]]:
+        """Table rows: part, forward GFLOP, backward GFLOP, share of the total."""
+        total = max(self.total, 1e-30)
+        out = [
+            [k, f"{f / 1e9:,.3f}", f"{b / 1e9:,.3f}", f"{100 * (f + b) / total:.1f}"]
+            for k, (f, b) in self.parts.items()
+            if f + b > 0
+        ]
+        out.append(["total", f"{self.forward / 1e9:,.3f}", f"{self.backward / 1e9:,.3f}", "100.0"])
+        for k, v in self.excluded.items():
+            out.append([f"({k}, not in MFU)", f"{v / 1e9:,.3f}", "0", "-"])
+        return out
+
+
+class ModelFlops:
+    """Per-part weights and gradient flow of a model under its current ``requires_grad`` flags."""
+
+    def __init__(self, model: nn.Module, parts: Mapping[str, Part], per_sample_module: str = "ada_lin") -> None:
+        self.parts = dict(parts)
+        self.weights = {name: PartWeights() for name in self.parts}
+        prefixes = [(p, name) for name, part in self.parts.items() for p in part.prefixes]
+        for mod_name, module in model.named_modules():
+            per_sample = per_sample_module in mod_name.split(".")
+            for leaf, param in module.named_parameters(recurse=False):
+                full = f"{mod_name}.{leaf}" if mod_name else leaf
+                matches = [(len(p), name) for p, name in prefixes if _under(full, p)]
+                if not matches:
+                    continue
+                w = self.weights[max(matches)[1]]
+                w.params += param.numel()
+                w.trainable |= param.requires_grad
+                # Lookup tables, norms and biases cost no multiply-accumulates per token; Linear weights do,
+                # and so does a patch convolution per output position (one per token).
+                if leaf != "weight" or not isinstance(module, nn.Linear | nn.Conv2d):
+                    continue
+                n = param.numel()
+                if per_sample:
+                    w.per_sample += n
+                    w.per_sample_trained += n * param.requires_grad
+                else:
+                    w.per_token += n
+                    w.per_token_trained += n * param.requires_grad
+        self.grad_flows = {name: self._grad_flows(name) for name in self.parts}
+
+    def _grad_flows(self, name: str) -> bool:
+        """A gradient passes through ``name``: it or any part upstream of it holds a trainable weight."""
+        if self.weights[name].trainable:
+            return True
+        return any(self._grad_flows(u) for u in self.parts[name].upstream)
+
+    @property
+    def num_params(self) -> int:
+        return sum(w.params for w in self.weights.values())
+
+    @property
+    def num_trainable_params(self) -> int:
+        return sum(w.per_token_trained + w.per_sample_trained for w in self.weights.values())
+
+    def cost(self, name: str, tokens: float, samples: float = 0.0, attn_fwd: float = 0.0) -> tuple[float, float]:
+        """(forward, backward) FLOPs of part ``name`` over ``tokens`` tokens of ``samples`` samples."""
+        w = self.weights[name]
+        fwd = 2.0 * (w.per_token * tokens + w.per_sample * samples) + attn_fwd
+        bwd = 2.0 * (w.per_token_trained * tokens + w.per_sample_trained * samples)
+        if self.grad_flows[name]:
+            bwd += 2.0 * (w.per_token * tokens + w.per_sample * samples) + 2.0 * attn_fwd
+        return fwd, bwd
+
+
+@dataclass
+class BatchShape:
+    """What the FLOP count needs from a batch in the collator's contract (read on the host)."""
+
+    lengths: list[int]
+    padded_len: int
+    num_labels: int
+    num_und_images: int
+    num_gen_images: int
+    has_codes: bool = False  # generation targets come as precomputed codes (no VQ-VAE encoding in the step)
+
+    @classmethod
+    def from_batch(cls, batch: Mapping[str, Any]) -> BatchShape:
+        """From ``input_ids``/``attention_mask``/``labels``/``pixel_values``/``pixel_gen_values``/``gen_codes``.
+
+        Reads tensor values (a host sync on a GPU tensor): call it on the host copy of the batch.
+        """
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        lengths = mask.sum(1).tolist() if mask is not None else [ids.shape[1]] * ids.shape[0]
+        labels = batch["labels"]
+        n_labels = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        und = batch.get("pixel_values")
+        has_codes = batch.get("gen_codes") is not None
+        if has_codes:
+            n_gen = batch["gen_codes"].shape[0]
+        else:
+            gen = batch.get("pixel_gen_values")
+            n_gen = 0 if gen is None else gen.shape[0]
+        n_und = 0 if und is None else und.shape[0]
+        return cls([int(n) for n in lengths], ids.shape[1], n_labels, n_und, n_gen, has_codes)
+
+    @property
+    def real_tokens(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.padded_len * len(self.lengths)
+
+
+class VARGPTFlops:
+    """Model FLOPs of a VARGPT micro batch for the model's current trainable set (see the module docstring).
+
+    Build it after the stage is applied (``requires_grad`` decides the backward terms). ``vq_encode_flops``:
+    forward FLOPs of the VQ-VAE per target image (``measure_flops``), reported apart when the batch carries
+    pixels instead of precomputed ``gen_codes``.
+    """
+
+    def __init__(self, model: nn.Module, vq_encode_flops: float = 0.0) -> None:
+        self.m = ModelFlops(model, VARGPT_PARTS)
+        cfg = model.cfg
+        lm_cfg = model.language_model.config
+        heads = lm_cfg.num_attention_heads
+        head_dim = getattr(lm_cfg, "head_dim", None) or lm_cfg.hidden_size // heads
+        self.llm_layers, self.llm_attn_dim = lm_cfg.num_hidden_layers, heads * head_dim
+        self.vis_layers, self.vis_dim = cfg.vision.num_hidden_layers, cfg.vision.hidden_size
+        self.P = cfg.vision.num_image_tokens
+        var = model.vargpt_gen
+        self.var_layers, self.var_dim = len(var.blocks), var.C
+        self.L, self.first_l = var.schedule.num_tokens, var.schedule.tokens_per_scale[0]
+        self.var_pairs = block_causal_pairs(var.schedule.patch_nums)
+        self.vq_encode_flops = vq_encode_flops
+
+    def __call__(self, batch: Mapping[str, Any] | BatchShape) -> FlopCount:
+        s = batch if isinstance(batch, BatchShape) else BatchShape.from_batch(batch)
+        m, n_und, n_gen = self.m, s.num_und_images, s.num_gen_images
+        vis_tokens = self.P + 1
+        llm_pairs = sum(causal_pairs(n) for n in s.lengths)
+        parts = {
+            "vision_patch": m.cost("vision_patch", n_und * self.P),
+            "vision_tower": m.cost(
+                "vision_tower",
+                n_und * vis_tokens,
+                attn_fwd=4.0 * self.vis_layers * self.vis_dim * vis_tokens**2 * n_und,
+            ),
+            "multi_modal_projector": m.cost("multi_modal_projector", n_und * self.P),
+            "var_embed": m.cost("var_embed", n_gen * (self.L - self.first_l)),
+            "image_gen_projector": m.cost("image_gen_projector", n_gen * self.L),
+            "language_model": m.cost(
+                "language_model", s.real_tokens, attn_fwd=4.0 * self.llm_layers * self.llm_attn_dim * llm_pairs
+            ),
+            "lm_head": m.cost("lm_head", s.num_labels),
+            "image_gen_projector_out": m.cost("image_gen_projector_out", n_gen * self.L),
+            "var_blocks": m.cost(
+                "var_blocks",
+                n_gen * self.L,
+                samples=n_gen,
+                attn_fwd=4.0 * self.var_layers * self.var_dim * self.var_pairs * n_gen,
+            ),
+        }
+        excluded = {}
+        if self.vq_encode_flops and n_gen and not s.has_codes:
+            excluded["vq_encode"] = self.vq_encode_flops * n_gen
+        return FlopCount(parts, excluded)
+
+
+class VARFlops:
+    """Model FLOPs of the class-conditional VAR training step (teacher forcing over all L tokens)."""
+
+    def __init__(self, var: nn.Module) -> None:
+        self.m = ModelFlops(var, VAR_PARTS)
+        self.layers, self.dim = len(var.blocks), var.C
+        self.L, self.first_l = var.schedule.num_tokens, var.schedule.tokens_per_scale[0]
+        self.pairs = block_causal_pairs(var.schedule.patch_nums)
+        self.num_params = sum(p.numel() for p in var.parameters())
+
+    def __call__(self, batch_size: int, backward: bool = True) -> FlopCount:
+        B = batch_size
+        parts = {
+            "var_embed": self.m.cost("var_embed", B * (self.L - self.first_l)),
+            "var_blocks": self.m.cost(
+                "var_blocks", B * self.L, samples=B, attn_fwd=4.0 * self.layers * self.dim * self.pairs * B
+            ),
+        }
+        if not backward:
+            parts = {k: (f, 0.0) for k, (f, _) in parts.items()}
+        return FlopCount(parts)
+
+    def reference_6n(self, batch_size: int) -> float:
+        """``6 x all parameters x B x L``: the convention of the official VAR MFU figures the issue quotes
+        (145.6 k tokens/s at MFU 27 % for d16 on an H200 is 6 x 310 M x 145.6 k / 989 TFLOP/s), with AdaLN
+        and the head counted per token and no attention term."""
+        return 6.0 * self.num_params * batch_size * self.L
+
+
+def measure_flops(fn: Any, *args: Any, **kwargs: Any) -> float:
+    """FLOPs of ``fn(*args, **kwargs)`` from torch's FlopCounterMode (matmuls and convolutions; on a CPU it
+    does not see fused attention kernels). Used for the convolutional VQ-VAE."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn(*args, **kwargs)
+    return float(counter.get_total_flops())
+
+
+def describe_parts(m: ModelFlops) -> list[list[str]]:
+    """Table rows: part, parameters, trainable?, gradient flows?, per-token / per-sample MACs (millions)."""
+    return [
+        [
+            name,
+            f"{w.params / 1e6:,.2f}",
+            "yes" if w.trainable else "no",
+            "yes" if m.grad_flows[name] else "no",
+            f"{w.per_token / 1e6:,.2f}",
+            f"{w.per_sample / 1e6:,.2f}",
+        ]
+        for name, w in m.weights.items()
+    ]
+
+
+__all__ = [
+    "VARGPT_PARTS",
+    "VAR_PARTS",
+    "BatchShape",
+    "FlopCount",
+    "ModelFlops",
+    "Part",
+    "VARFlops",
+    "VARGPTFlops",
+    "block_causal_pairs",
+    "causal_pairs",
+    "describe_parts",
+    "measure_flops",
+]
