@@ -163,7 +163,11 @@ class VARGPT(nn.Module):
 
     def llm_hidden(self, inputs_embeds_BTH: torch.Tensor, attention_mask_BT: torch.Tensor | None) -> torch.Tensor:
         """Last hidden state of the LLM after its final norm (causal attention), (B, T, H)."""
-        out = self.language_model.model(inputs_embeds=inputs_embeds_BTH, attention_mask=attention_mask_BT)
+        # No KV cache in the teacher-forced pass: nothing reads it, and under activation checkpointing a
+        # recomputed layer would append its keys to it a second time.
+        out = self.language_model.model(
+            inputs_embeds=inputs_embeds_BTH, attention_mask=attention_mask_BT, use_cache=False
+        )
         return out.last_hidden_state
 
     def decode_image_logits(self, hidden_NLH: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
