@@ -21,7 +21,8 @@ from vargpt.checkpoint import (
     var_kwargs_from_checkpoint,
 )
 from vargpt.convert import main
-from vargpt.model import VAR, build_vargpt, build_vqvae, load_model_config
+from vargpt.model import VAR, build_vargpt, load_model_config
+from vargpt.model.vqvae import vqvae_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "conf" / "model" / "tiny.yaml"
@@ -81,7 +82,7 @@ def test_to_var_and_to_vqvae(setup, tmp_path):
 
     assert main(["--to", "vqvae", "--in", str(rel), "--out", str(tmp_path / "vae.pth")]) == 0
     q = setup["cfg"].vqvae
-    vq = build_vqvae(q.vocab_size, q.z_channels, q.ch, patch_nums=tuple(q.patch_nums), ch_mult=tuple(q.ch_mult))
+    vq = vqvae_from_config(q)
     assert load_weights(vq, tmp_path / "vae.pth").ok
     assert vq.quantize.embedding.weight.dtype == torch.float32
     # A VAR .pth converts to itself.

@@ -15,8 +15,9 @@ from safetensors.torch import save_file
 from test_checkpoint_released import RELEASED_IDS, ReferenceSource
 
 from vargpt.checkpoint import CheckpointMismatchError, init_stage1, load_stage1, load_weights
-from vargpt.model import SpecialTokenIds, build_var, build_vargpt, build_vqvae, load_model_config
+from vargpt.model import SpecialTokenIds, build_var, build_vargpt, load_model_config
 from vargpt.model.tokens import GEN_TOKENS
+from vargpt.model.vqvae import vqvae_from_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 LLAVA_PREFIXES = ("vision_tower.", "multi_modal_projector.", "language_model.")
@@ -67,10 +68,7 @@ def parts(cfg, tmp_path_factory):
     )  # fmt: skip
     torch.save(var.state_dict(), root / "var_d4.pth")
     q = cfg.vqvae
-    vqvae = build_vqvae(
-        q.vocab_size, q.z_channels, q.ch, q.share_quant_resi, tuple(q.patch_nums),
-        ch_mult=tuple(q.ch_mult), num_res_blocks=q.num_res_blocks,
-    )  # fmt: skip
+    vqvae = vqvae_from_config(q)
     torch.save(vqvae.state_dict(), root / "vae_tiny.pth")
     return {
         "llava": folders,

@@ -21,6 +21,7 @@ from vargpt.checkpoint import (
 )
 from vargpt.checkpoint.match import DEFAULT_RULES, Target, plan_load
 from vargpt.model import VAR, SpecialTokenIds, build_var, build_vargpt, build_vqvae, load_model_config
+from vargpt.model.vqvae import vqvae_from_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 SMALL_VAR = dict(vocab_size=64, z_channels=8, num_classes=10, patch_nums=(1, 2, 3, 4), embed_dim=64, num_heads=2)
@@ -120,10 +121,7 @@ def test_vargpt_decoder_exports_to_a_var_that_rebuilds_from_its_weights(tmp_path
     folder = export_released(model, tmp_path / "rel", dtype="fp32")
     var2 = VAR(**kwargs)
     assert load_weights(var2, folder).ok and same(var2.state_dict(), model.vargpt_gen.state_dict())
-    vq2 = build_vqvae(
-        cfg.vqvae.vocab_size, cfg.vqvae.z_channels, cfg.vqvae.ch, patch_nums=tuple(cfg.vqvae.patch_nums),
-        ch_mult=tuple(cfg.vqvae.ch_mult),
-    )  # fmt: skip
+    vq2 = vqvae_from_config(cfg.vqvae)
     assert load_weights(vq2, folder).ok and same(vq2.state_dict(), model.vae_local.state_dict())
     with pytest.raises(TypeError):
         export_var(vq2, tmp_path / "nope.pth")

@@ -39,7 +39,7 @@ from vargpt.data.transforms import clip_transform, var_transform
 from vargpt.model.config import ModelConfig
 from vargpt.model.var import VAR
 from vargpt.model.vargpt import VARGPT, _clip_config, _llm_config
-from vargpt.model.vqvae import VQVAE
+from vargpt.model.vqvae import vqvae_from_config
 
 # The file each recipe leaves in its run's export/ folder.
 PRODUCT_FILE = {
@@ -53,24 +53,6 @@ PRODUCT_FILE = {
 
 def recipe_config(cfg: DictConfig) -> RecipeConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RecipeConfig), cfg.stage.recipe))
-
-
-def build_vqvae_from(m: ModelConfig) -> VQVAE:
-    v = m.vqvae
-    return VQVAE(
-        vocab_size=v.vocab_size,
-        z_channels=v.z_channels,
-        ch=v.ch,
-        ch_mult=tuple(v.ch_mult),
-        num_res_blocks=v.num_res_blocks,
-        beta=v.beta,
-        quant_resi=v.quant_resi,
-        share_quant_resi=v.share_quant_resi,
-        patch_nums=tuple(v.patch_nums),
-        using_sa=v.using_sa,
-        using_mid_sa=v.using_mid_sa,
-        norm_groups=v.norm_groups,
-    )
 
 
 def build_class_var(m: ModelConfig, num_classes: int) -> VAR:
@@ -149,10 +131,10 @@ def build_recipe(
     items: tuple[Any, Any]
     collate: Any = collate_images
     if r.kind == RecipeKind.vqvae:
-        module: RecipeModule = VQVAERecipe(build_vqvae_from(m), revive_every=r.revive_every, **opt)
+        module: RecipeModule = VQVAERecipe(vqvae_from_config(m.vqvae), revive_every=r.revive_every, **opt)
         items = ImageItems(var_transform(size, train=True)), ImageItems(var_transform(size, train=False))
     elif r.kind == RecipeKind.class_var:
-        vqvae = build_vqvae_from(m)
+        vqvae = vqvae_from_config(m.vqvae)
         vqvae.load_state_dict(load_file(_resolve_product(r.vqvae_from, RecipeKind.vqvae, log_dir)))
         module = ClassVARRecipe(build_class_var(m, NUM_SHAPES_CLASSES), vqvae, **opt)
         items = tuple(

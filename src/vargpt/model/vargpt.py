@@ -28,7 +28,7 @@ from vargpt.model.config import ModelConfig
 from vargpt.model.projectors import GenProjector, UnderstandingProjector
 from vargpt.model.tokens import SpecialTokenIds
 from vargpt.model.var import VAR
-from vargpt.model.vqvae import VQVAE
+from vargpt.model.vqvae import vqvae_from_config
 
 IGNORE_INDEX = -100
 
@@ -58,20 +58,7 @@ class VARGPT(nn.Module):
             cfg.vision.hidden_size, cfg.llm.hidden_size, cfg.projector_hidden_act
         )
         self.language_model = AutoModelForCausalLM.from_config(_llm_config(cfg))
-        self.vae_local = VQVAE(
-            vocab_size=cfg.vqvae.vocab_size,
-            z_channels=cfg.vqvae.z_channels,
-            ch=cfg.vqvae.ch,
-            ch_mult=tuple(cfg.vqvae.ch_mult),
-            num_res_blocks=cfg.vqvae.num_res_blocks,
-            beta=cfg.vqvae.beta,
-            quant_resi=cfg.vqvae.quant_resi,
-            share_quant_resi=cfg.vqvae.share_quant_resi,
-            patch_nums=tuple(cfg.vqvae.patch_nums),
-            using_sa=cfg.vqvae.using_sa,
-            using_mid_sa=cfg.vqvae.using_mid_sa,
-            norm_groups=cfg.vqvae.norm_groups,
-        )
+        self.vae_local = vqvae_from_config(cfg.vqvae)
         # The release sizes the class embedding by the tokenizer: num_classes = gen_start_id + 1, so row
         # gen_start_id is "generate an image" and row gen_start_id + 1 is the null (dropped) condition.
         self.vargpt_gen = VAR(

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vargpt.model.config import VQVAEConfig
 from vargpt.model.quant import MultiScaleQuantizer, fp32_region
 from vargpt.model.scales import VAR_PATCH_NUMS, ScaleSchedule
 from vargpt.model.vqvae_blocks import Decoder, Encoder
@@ -173,4 +174,22 @@ def build_vqvae(
         share_quant_resi=share_quant_resi,
         patch_nums=patch_nums,
         **kwargs,
+    )
+
+
+def vqvae_from_config(v: VQVAEConfig) -> VQVAE:
+    """The VQ-VAE a ``model.vqvae`` config describes (every size, the tiny one and VAR's)."""
+    return VQVAE(
+        vocab_size=v.vocab_size,
+        z_channels=v.z_channels,
+        ch=v.ch,
+        ch_mult=tuple(v.ch_mult),
+        num_res_blocks=v.num_res_blocks,
+        beta=v.beta,
+        quant_resi=v.quant_resi,
+        share_quant_resi=v.share_quant_resi,
+        patch_nums=tuple(v.patch_nums),
+        using_sa=v.using_sa,
+        using_mid_sa=v.using_mid_sa,
+        norm_groups=v.norm_groups,
     )
