@@ -9,7 +9,9 @@ LOG_DIR   ?= logs
 BB_LOG    ?= logs/backbones
 BB_OUT    ?= backbones/shapes
 # The stage-0 recipes run at their own (CPU-sized) budgets: no experiment preset.
-BB_TRAIN   = $(BIN)/python src/train.py '~experiment' paths.log_dir=$(BB_LOG) trainer.enable_progress_bar=false
+# They start from nothing: the world's own tokenizer, no initial weights.
+BB_TRAIN   = $(BIN)/python src/train.py '~experiment' paths.log_dir=$(BB_LOG) trainer.enable_progress_bar=false \
+	model.tokenizer=null model.init_from=null
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-slow lint demo train backbones mlflow-ui clean
