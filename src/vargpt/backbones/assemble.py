@@ -67,7 +67,7 @@ def _stage_metrics(log_dir: Path, stage: str) -> dict[str, float]:
     summary = Path(record.checkpoint).parents[1] / "summary.txt"
     if not summary.is_file():
         return {}
-    pairs = re.findall(r"([A-Za-z_][\w/]*)\s*[:=]\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)\b", summary.read_text())
+    pairs = re.findall(r"([A-Za-z_][\w/-]*)\s*[:=]\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)\b", summary.read_text())
     return {key: float(value) for key, value in pairs}
 
 
