@@ -125,12 +125,12 @@ def load_model_cfg(name: str, overrides: Sequence[str] = ()) -> Any:
 
 
 def _load_model_cfg_yaml(path: Path, overrides: Sequence[str]) -> Any:
-    """PyYAML fallback of ``load_model_config`` (no interpolation; the model files use none)."""
+    """PyYAML fallback of ``load_model_config``; the one interpolation the model files use is ``${vargpt_repo:}``."""
     import yaml
 
-    from vargpt.model.config import ModelConfig
+    from vargpt.model.config import REPO_ROOT, ModelConfig
 
-    data = yaml.safe_load(path.read_text()) or {}
+    data = yaml.safe_load(path.read_text().replace("${vargpt_repo:}", str(REPO_ROOT))) or {}
     for item in overrides:
         key, value = item.split("=", 1)
         node = data
