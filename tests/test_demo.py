@@ -1,0 +1,30 @@
+"""The whole demo (`make demo`: stages 1-3 from the committed backbones, then the shapes evaluation).
+
+Slow (about 3 minutes on 2 idle cores): run with ``pytest -m slow tests/test_demo.py``. It asserts the figures
+this commit's backbones reach (docs/backbones.md), not issue 8's targets (VQA >= 90 %, text-to-image both right
+>= 70 %), which these undertrained backbones do not reach; raise the bounds as the backbones improve.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_make_demo_runs_and_reaches_this_commits_figures(tmp_path):
+    log_dir = tmp_path / "logs"
+    subprocess.run(["make", "demo", f"LOG_DIR={log_dir}"], cwd=REPO, check=True)
+    scores = json.loads(next((log_dir / "eval").glob("*/shapes/scores.json")).read_text())
+    assert scores["vqa/n"] == 200 and scores["t2i/n"] == 100
+    # Measured at this commit: VQA 27.5 % (chance ~25 %), an image started for 82 % of the instructions.
+    assert scores["vqa/accuracy"] >= 20.0
+    assert scores["t2i/image_rate"] >= 50.0
+    assert scores["judge/validation_accuracy"] >= 98.0
+    for stage in ("pretrain", "sft_mixed", "sft_gen"):
+        assert (log_dir / "stages" / f"{stage}.json").is_file()
