@@ -58,7 +58,7 @@ def test_fsdp2_two_processes_stages_preemption_and_resume(data_dir, tmp_path):  
     assert f"initialising the model from {last}" in preempted.stdout
     stage2_dir = next(d for d in run_dirs(log_dir) if d.name.startswith("sft_mixed"))
     assert "PREEMPTED at step 1" in (stage2_dir / "summary.txt").read_text()
-    meta = torch.load(stage2_dir / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=False)
+    meta = torch.load(stage2_dir / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=True)
     assert meta["global_step"] == 1
 
     resumed = train_cli(*stage2)

@@ -220,7 +220,7 @@ def test_sigterm_mid_accumulation_then_resume(data_dir, tmp_path, straight):
     first, _ = run(command)
     assert signal.getsignal(signal.SIGTERM) == handler  # restored
     run_dir = Path(first.paths.run_dir)
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == 3
     assert "PREEMPTED at step 3" in (run_dir / "summary.txt").read_text()
     assert not stage_record_path(tmp_path, "sft_mixed").exists()
