@@ -37,8 +37,8 @@ from vargpt.backbones.streams import (
 )
 from vargpt.data.transforms import clip_transform, var_transform
 from vargpt.model.config import ModelConfig
-from vargpt.model.var import VAR
-from vargpt.model.vargpt import VARGPT, _clip_config, _llm_config
+from vargpt.model.var import var_from_config
+from vargpt.model.vargpt import VARGPT, clip_vision_config, llm_config
 from vargpt.model.vqvae import vqvae_from_config
 
 # The file each recipe leaves in its run's export/ folder.
@@ -53,25 +53,6 @@ PRODUCT_FILE = {
 
 def recipe_config(cfg: DictConfig) -> RecipeConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RecipeConfig), cfg.stage.recipe))
-
-
-def build_class_var(m: ModelConfig, num_classes: int) -> VAR:
-    var = VAR(
-        depth=m.var.depth,
-        embed_dim=m.var.embed_dim,
-        num_heads=m.var.num_heads,
-        num_classes=num_classes,
-        vocab_size=m.vqvae.vocab_size,
-        z_channels=m.vqvae.z_channels,
-        patch_nums=tuple(m.vqvae.patch_nums),
-        mlp_ratio=m.var.mlp_ratio,
-        drop_path_rate=m.var.drop_path_rate,
-        norm_eps=m.var.norm_eps,
-        attn_l2_norm=m.var.attn_l2_norm,
-        cond_drop_rate=m.var.cond_drop_rate,
-    )
-    var.init_weights()
-    return var
 
 
 def product_path(log_dir: str | Path, stage: str, kind: RecipeKind) -> Path:
@@ -99,7 +80,7 @@ def _hf_clip(m: ModelConfig, r: RecipeConfig, tokenizer: Any) -> torch.nn.Module
         bos_token_id=tokenizer.bos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    vision = _clip_config(m).to_dict()
+    vision = clip_vision_config(m).to_dict()
     return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=t.projection_dim))
 
 
@@ -136,7 +117,7 @@ def build_recipe(
     elif r.kind == RecipeKind.class_var:
         vqvae = vqvae_from_config(m.vqvae)
         vqvae.load_state_dict(load_file(_resolve_product(r.vqvae_from, RecipeKind.vqvae, log_dir)))
-        module = ClassVARRecipe(build_class_var(m, NUM_SHAPES_CLASSES), vqvae, **opt)
+        module = ClassVARRecipe(var_from_config(m, NUM_SHAPES_CLASSES), vqvae, **opt)
         items = tuple(
             ImageItems(var_transform(size, train=t), label_fn=shapes_class, require_label=True) for t in (True, False)
         )
@@ -151,7 +132,7 @@ def build_recipe(
     else:
         from transformers import AutoModelForCausalLM
 
-        module = CausalLMRecipe(AutoModelForCausalLM.from_config(_llm_config(m)), **opt)
+        module = CausalLMRecipe(AutoModelForCausalLM.from_config(llm_config(m)), **opt)
         items = TextItems(tokenizer, r.max_length), TextItems(tokenizer, r.max_length)
         collate = _TextCollate(tokenizer.pad_token_id)
     data = StreamDataModule(

@@ -23,6 +23,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from vargpt.model.config import ModelConfig
 from vargpt.model.sampling import cfg_ratio, sample_top_k_top_p
 from vargpt.model.scales import VAR_PATCH_NUMS, ScaleSchedule
 from vargpt.model.var_blocks import AdaLNBeforeHead, AdaLNSelfAttn, VARKVCache
@@ -314,6 +315,27 @@ def build_var(
         patch_nums=patch_nums,
         attn_l2_norm=attn_l2_norm,
         **kwargs,
+    )
+    var.init_weights()
+    return var
+
+
+def var_from_config(cfg: ModelConfig, num_classes: int, vqvae: NextInputVQVAE | None = None) -> VAR:
+    """The VAR decoder a model config describes (sizes from ``cfg.var``, tokens from ``cfg.vqvae``), initialised."""
+    var = VAR(
+        depth=cfg.var.depth,
+        embed_dim=cfg.var.embed_dim,
+        num_heads=cfg.var.num_heads,
+        num_classes=num_classes,
+        vocab_size=cfg.vqvae.vocab_size,
+        z_channels=cfg.vqvae.z_channels,
+        patch_nums=tuple(cfg.vqvae.patch_nums),
+        mlp_ratio=cfg.var.mlp_ratio,
+        drop_path_rate=cfg.var.drop_path_rate,
+        norm_eps=cfg.var.norm_eps,
+        attn_l2_norm=cfg.var.attn_l2_norm,
+        cond_drop_rate=cfg.var.cond_drop_rate,
+        vqvae=vqvae,
     )
     var.init_weights()
     return var

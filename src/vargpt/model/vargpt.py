@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLI
 from vargpt.model.config import ModelConfig
 from vargpt.model.projectors import GenProjector, UnderstandingProjector
 from vargpt.model.tokens import SpecialTokenIds
-from vargpt.model.var import VAR
+from vargpt.model.var import var_from_config
 from vargpt.model.vqvae import vqvae_from_config
 
 IGNORE_INDEX = -100
@@ -53,33 +53,18 @@ class VARGPT(nn.Module):
         self.ids = ids
         # Kept for generate() (prompt building and decoding); not a module, not in the state dict.
         self.tokenizer = tokenizer
-        self.vision_tower = CLIPVisionTower(_clip_config(cfg))
+        self.vision_tower = CLIPVisionTower(clip_vision_config(cfg))
         self.multi_modal_projector = UnderstandingProjector(
             cfg.vision.hidden_size, cfg.llm.hidden_size, cfg.projector_hidden_act
         )
-        self.language_model = AutoModelForCausalLM.from_config(_llm_config(cfg))
+        self.language_model = AutoModelForCausalLM.from_config(llm_config(cfg))
         self.vae_local = vqvae_from_config(cfg.vqvae)
         # The release sizes the class embedding by the tokenizer: num_classes = gen_start_id + 1, so row
         # gen_start_id is "generate an image" and row gen_start_id + 1 is the null (dropped) condition.
-        self.vargpt_gen = VAR(
-            depth=cfg.var.depth,
-            embed_dim=cfg.var.embed_dim,
-            num_heads=cfg.var.num_heads,
-            num_classes=ids.gen_start + 1,
-            vocab_size=cfg.vqvae.vocab_size,
-            z_channels=cfg.vqvae.z_channels,
-            patch_nums=tuple(cfg.vqvae.patch_nums),
-            mlp_ratio=cfg.var.mlp_ratio,
-            drop_path_rate=cfg.var.drop_path_rate,
-            norm_eps=cfg.var.norm_eps,
-            attn_l2_norm=cfg.var.attn_l2_norm,
-            cond_drop_rate=cfg.var.cond_drop_rate,
-            vqvae=self.vae_local,
-        )
+        self.vargpt_gen = var_from_config(cfg, num_classes=ids.gen_start + 1, vqvae=self.vae_local)
         var_dim, llm_dim = self.vargpt_gen.C, cfg.llm.hidden_size
         self.image_gen_projector = GenProjector(var_dim, llm_dim)
         self.image_gen_projector_out = GenProjector(llm_dim, var_dim)
-        self.vargpt_gen.init_weights()
         self.image_gen_projector.init_weights()
         self.image_gen_projector_out.init_weights()
         # The VQ-VAE is a frozen tokenizer in every stage (reference 1.7: test_mode).
@@ -273,7 +258,7 @@ def _scatter(embeds_BTH: torch.Tensor, slots_BT: torch.Tensor, values: torch.Ten
     return embeds_BTH.masked_scatter(slots_BT[..., None], values.to(embeds_BTH.dtype))
 
 
-def _llm_config(cfg: ModelConfig) -> Any:
+def llm_config(cfg: ModelConfig) -> Any:
     llm = cfg.llm
     return AutoConfig.for_model(
         llm.model_type,
@@ -293,7 +278,7 @@ def _llm_config(cfg: ModelConfig) -> Any:
     )
 
 
-def _clip_config(cfg: ModelConfig) -> CLIPVisionConfig:
+def clip_vision_config(cfg: ModelConfig) -> CLIPVisionConfig:
     v = cfg.vision
     return CLIPVisionConfig(
         hidden_size=v.hidden_size,
