@@ -181,9 +181,13 @@ class HFCLIPTower(nn.Module):
         ids = ids.scatter(1, lengths[:, None], self.tokenizer.eos_token_id)
         mask = tok["attention_mask"].scatter(1, lengths[:, None], 1)
         img = self.clip.get_image_features(pixel_values=images)
-        txt = self.clip.get_text_features(input_ids=ids, attention_mask=mask)
         img = getattr(img, "pooler_output", img)  # transformers 5.x returns an output object
-        txt = getattr(txt, "pooler_output", txt)
+        # Pool at the eos we placed ourselves: with eos_token_id == 2 (Llama-style tokenizers, ours) transformers'
+        # CLIP text tower keeps its legacy rule and pools at argmax(input_ids), i.e. at the caption's
+        # highest-id word, which under the causal mask has not seen the rest of the caption.
+        hidden_BTD = self.clip.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        pooled_BD = hidden_BTD[torch.arange(len(ids), device=ids.device), lengths]
+        txt = self.clip.text_projection(pooled_BD)
         return F.normalize(img, dim=-1), F.normalize(txt, dim=-1), self.clip.logit_scale.exp().clamp(max=100)
 
 
