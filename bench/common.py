@@ -165,16 +165,6 @@ def _build_dataclass(cls: type, data: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
-def vqvae_from_config(v: Any) -> Any:
-    """A VQVAE from a ``VQVAEConfig`` (every field but ``image_size``, which the schedule implies)."""
-    from vargpt.model import VQVAE
-
-    kwargs = {f.name: getattr(v, f.name) for f in dataclasses.fields(v) if f.name != "image_size"}
-    for key in ("ch_mult", "patch_nums"):
-        kwargs[key] = tuple(kwargs[key])
-    return VQVAE(**kwargs)
-
-
 def load_stage(name: str) -> dict[str, Any]:
     """The ``stage`` node of ``conf/stage/<name>.yaml`` (name, trainable prefixes, global batch...)."""
     import yaml

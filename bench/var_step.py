@@ -52,10 +52,11 @@ from common import (  # noqa: E402
     print_table,
     reset_peak_memory,
     sync,
-    vqvae_from_config,
     write_json,
 )
 from flops import VARFlops  # noqa: E402
+
+from vargpt.model.vqvae import vqvae_from_config  # noqa: E402
 
 DEFAULTS: dict[str, Any] = {
     "configs": [],  # empty: d16:64,d30:16 on a GPU, tiny:8,d4:2 on a CPU

@@ -39,10 +39,11 @@ from common import (  # noqa: E402
     print_table,
     reset_peak_memory,
     timed,
-    vqvae_from_config,
     write_json,
 )
 from flops import measure_flops  # noqa: E402
+
+from vargpt.model.vqvae import vqvae_from_config  # noqa: E402
 
 DEFAULTS: dict[str, Any] = {
     "config": ["tiny", "ch160"],
