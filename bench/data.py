@@ -2,11 +2,15 @@
 
     .venv/bin/python bench/data.py                 # full run (~3 minutes on 2 cores)
     .venv/bin/python bench/data.py --quick         # smaller sizes, for a smoke test
+    .venv/bin/python bench/data.py --pipeline-only --group-by none,length,modality_length   # length grouping
 
 Pipeline figures are steady-state (after the first batch, which includes worker start-up), for the tiny
 model (conf/model/tiny.yaml: 32 px understanding, 64 px generation, L = 130) on the shapes world, and for the
 release's sizes (conf/model/vargpt_llava_7b.yaml: CLIP 336 px / 576 tokens, VAR 256 px / L = 680) on
 LLaVA-style shards of 500x375 JPEGs, tokenised with the world's tokenizer (no Llama tokenizer offline).
+Every pipeline row also gives its padding: the share of the batches' token slots (B x T) that are padding, the
+LLM work a step wastes. ``--group-by`` runs the pipeline rows once per grouping (``data.group_by``, pools of
+``--group-batches`` micro batches of 16).
 """
 
 from __future__ import annotations
@@ -21,14 +25,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from omegaconf import OmegaConf
 from PIL import Image
 
-from vargpt.data.config import DataConfig, SourceConfig
+from vargpt.data.config import DataConfig, GroupBy, SourceConfig
 from vargpt.data.convert import AnnotationConverter, ConvertOptions, run_conversion
 from vargpt.data.datamodule import VARGPTDataModule
 from vargpt.data.shapes import build_shapes_world
 from vargpt.data.tokenizer import load_tokenizer
+from vargpt.model.config import load_model_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,41 +61,64 @@ def make_llava_fixture(root: Path, entries: int) -> Path:
     return path
 
 
-def pipeline_rate(dm: VARGPTDataModule, samples: int) -> float:
-    """Steady-state training samples/s of a data module (the first batch, with worker start-up, excluded)."""
+def pipeline_rate(dm: VARGPTDataModule, samples: int) -> tuple[float, float]:
+    """Steady-state training samples/s of a data module and the padding share of all its batches' token slots.
+
+    Each worker's first batch is left out of the rate: it holds the worker's start-up and, with length grouping,
+    the filling of its first pool (afterwards a worker reads one batch of samples per batch it serves).
+    """
     dm.cfg.samples_per_epoch = samples
     dm.setup("fit")
-    count, start = 0, None
-    for batch in dm.train_dataloader():
-        if start is None:
+    warm = max(dm.cfg.num_workers, 1)
+    count, start, real, slots = 0, 0.0, 0, 0
+    for i, batch in enumerate(dm.train_dataloader()):
+        real += int(batch["attention_mask"].sum())
+        slots += batch["attention_mask"].numel()
+        if i < warm:
             start = time.perf_counter()
             continue
         count += batch["input_ids"].shape[0]
-    return count / (time.perf_counter() - start)
+    return count / (time.perf_counter() - start), 1 - real / slots
 
 
-def data_module(root: Path, sources: dict[str, str], model_yaml: str, tokenizer, workers: int) -> VARGPTDataModule:
+def data_module(
+    root: Path,
+    sources: dict[str, str],
+    model_yaml: str,
+    tokenizer,
+    workers: int,
+    group_by: str = "none",
+    pool: int = 16,
+) -> VARGPTDataModule:
     cfg = DataConfig(
         root=str(root),
         train_sources={name: SourceConfig(path) for name, path in sources.items()},
         micro_batch_size=16,
         num_workers=workers,
         cutoff_len=2048,
+        group_by=GroupBy(group_by),
+        group_batches=pool,
     )
-    return VARGPTDataModule.from_config(cfg, OmegaConf.load(REPO / "conf" / "model" / model_yaml), tokenizer)
+    return VARGPTDataModule.from_config(cfg, load_model_config(REPO / "conf" / "model" / model_yaml), tokenizer)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke test, not figures)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the generated data here")
+    parser.add_argument("--pipeline-only", action="store_true", help="skip the build and converter timings")
+    parser.add_argument("--group-by", default="none", help="comma list of data.group_by values for the pipeline rows")
+    parser.add_argument("--group-batches", type=int, default=16, help="micro batches per grouping pool")
+    parser.add_argument("--workers", default="0,1,2", help="comma list of DataLoader worker counts")
     args = parser.parse_args()
+    groupings = [GroupBy(g).value for g in args.group_by.split(",")]
+    worker_counts = [int(w) for w in args.workers.split(",")]
     logging.basicConfig(level=logging.WARNING)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="vargpt-bench-"))
     train, val, entries, samples = (2000, 200, 100, 256) if args.quick else (20000, 1000, 600, 2048)
     rows: list[tuple[str, str]] = []
 
-    for workers in (1, 2):
+    for workers in (2,) if args.pipeline_only else (1, 2):
         start = time.perf_counter()
         build_shapes_world(work / f"shapes{workers}", size=64, train=train, val=val, seed=0, num_workers=workers)
         seconds = time.perf_counter() - start
@@ -99,7 +126,7 @@ def main() -> None:
         rows.append((f"  = world converter throughput, {workers} proc", f"{(train + val) / seconds:.0f} samples/s"))
 
     annotations = make_llava_fixture(work / "llava", entries)
-    for workers in (1, 2):
+    for workers in (1,) if args.pipeline_only else (1, 2):
         out = work / f"llava_shards{workers}"
         start = time.perf_counter()
         options = ConvertOptions(out, part_size=100, num_workers=workers)
@@ -115,13 +142,19 @@ def main() -> None:
         "full mix (4 tasks)": {t: f"train/{t}" for t in ("caption", "vqa", "t2i", "mixed")},
     }
     for name, sources in mixes.items():
-        for workers in (0, 1, 2):
-            rate = pipeline_rate(data_module(world, sources, "tiny.yaml", tokenizer, workers), samples)
-            rows.append((f"pipeline tiny model, {name}, {workers} workers", f"{rate:.0f} samples/s"))
+        for group_by in groupings:
+            for workers in worker_counts:
+                dm = data_module(world, sources, "tiny.yaml", tokenizer, workers, group_by, args.group_batches)
+                rate, pad = pipeline_rate(dm, samples)
+                label = f"pipeline tiny model, {name}, group_by={group_by}, {workers} workers"
+                rows.append((label, f"{rate:.0f} samples/s, padding {100 * pad:.1f} %"))
     real = {"llava": str(work / "llava_shards1")}
-    for workers in (0, 1, 2):
-        rate = pipeline_rate(data_module(work, real, "vargpt_llava_7b.yaml", tokenizer, workers), samples // 4)
-        rows.append((f"pipeline 7B sizes, understanding (CLIP 336), {workers} workers", f"{rate:.0f} samples/s"))
+    for group_by in groupings:
+        for workers in worker_counts:
+            dm = data_module(work, real, "vargpt_llava_7b.yaml", tokenizer, workers, group_by, args.group_batches)
+            rate, pad = pipeline_rate(dm, samples // 4)
+            label = f"pipeline 7B sizes, understanding (CLIP 336), group_by={group_by}, {workers} workers"
+            rows.append((label, f"{rate:.0f} samples/s, padding {100 * pad:.1f} %"))
 
     # Other processes on the machine change these figures: print the load they ran under.
     rows.append(("load average (1, 5, 15 min) at the end", ", ".join(f"{x:.1f}" for x in os.getloadavg())))

@@ -23,7 +23,8 @@ are generation rows. ``len_jitter`` draws understanding lengths uniformly in [(1
 what padding costs (``pad %``). ``codes=true`` feeds precomputed VQ codes (``gen_codes``) instead of pixels.
 The batch sits on the device before timing, so data wait is 0; ``data=shapes`` pulls batches from
 ``VARGPTDataModule`` over the shapes world (built under ``data_root`` when missing) with ``data_workers``
-workers and reports the time the step waited for each batch.
+workers and reports the time the step waited for each batch; ``group_by=length,modality_length`` batches it with
+length grouping (``data.group_by``).
 
 Reported (medians over ``steps`` timed steps after ``warmup``; ``min ms`` the fastest step, the better figure
 on a shared machine): ``step ms`` (forward+backward+optimizer, with ``fwd``/``bwd``/``opt`` from CUDA events or
@@ -108,6 +109,7 @@ DEFAULTS: dict[str, Any] = {
     "warmup": 2,
     "data": "synthetic",  # synthetic | shapes
     "data_workers": 2,
+    "group_by": "none",  # data=shapes: data.group_by (none | length | modality_length), pools of 16 batches
     "data_root": str(ROOT / "data"),
     "shapes_train": 2000,
     "peak_tflops": None,
@@ -128,6 +130,7 @@ SWEEPABLE = (
     "compile",
     "activation_checkpointing",
     "fused_adam",
+    "group_by",
 )
 STAGE_GEN_FRAC = {"pretrain": 1.0, "sft_mixed": 0.25, "sft_gen": 1.0}
 IGNORE_INDEX = -100
@@ -213,7 +216,7 @@ def shapes_loader(args: dict[str, Any], model_cfg: Any) -> tuple[Any, Any]:
                 data[split][name].update(over)
     n = int(args["shapes_train"])
     data.update(root=str(args["data_root"]), micro_batch_size=int(args["micro_batch_size"]))
-    data.update(num_workers=int(args["data_workers"]), samples_per_epoch=max(n, 1000))
+    data.update(num_workers=int(args["data_workers"]), samples_per_epoch=max(n, 1000), group_by=args["group_by"])
     world = f"shapes_bench_{n}"  # its own world: the demo's (data/shapes, 20k samples) takes minutes to build
     data["shapes"].update(dir=world, train=n, val=max(20, n // 50))
     for src in data["train_sources"].values():
@@ -462,6 +465,7 @@ HEADER = [
     "AC",
     "compile",
     "codes",
+    "group",
     "step ms",
     "min ms",
     "fwd ms",
@@ -532,6 +536,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 "on" if run["activation_checkpointing"] else "off",
                 str(run["compile"]).lower(),
                 "yes" if run["codes"] else "no",
+                str(run["group_by"]) if run["data"] == "shapes" else "-",
                 f"{res['step_ms']:.1f}",
                 f"{res['min_step_ms']:.1f}",
                 f"{res['fwd_ms']:.1f}",

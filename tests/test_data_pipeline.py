@@ -25,10 +25,11 @@ from torch.utils.data import DataLoader
 from vargpt.data.collate import Collator, Example
 from vargpt.data.config import DataConfig, SourceConfig
 from vargpt.data.datamodule import VARGPTDataModule
-from vargpt.data.pipeline import EvalStream, SkipCounter, load_sources
+from vargpt.data.pipeline import EvalStream, SkipCounter, group_by_length, load_sources
 from vargpt.data.shapes import render_scene
 from vargpt.data.shards import iter_raw_samples, shard_list
 from vargpt.data.transforms import var_transform
+from vargpt.model.config import register_resolvers
 from vargpt.model.tokens import SpecialTokenIds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -287,6 +288,7 @@ def test_unreadable_shards_are_counted_not_fatal(tmp_path):
 
 
 def test_data_configs_validate_and_the_default_builds_its_world(tmp_path):
+    register_resolvers()  # conf/model/tiny.yaml names the checkout with ${vargpt_repo:}
     schema = OmegaConf.structured(DataConfig)
     for path in sorted((REPO / "conf" / "data").glob("*.yaml")):
         OmegaConf.merge(schema, OmegaConf.load(path))
@@ -342,3 +344,86 @@ def test_state_gathers_every_rank_and_resumes_rank_1_exactly(tmp_path):
     resumed = rank1()
     resumed.load_state_dict(state)
     assert consume(resumed) == full[3:] and len(full) == 8
+
+
+# ------------------------------------------------------------------------------------------- length grouping
+def padding_fraction(batches) -> float:
+    mask = [b["attention_mask"] for b in batches]
+    return 1 - sum(float(m.sum()) for m in mask) / sum(m.numel() for m in mask)
+
+
+def test_group_by_length_cuts_sorted_single_modality_batches_and_carries_the_last_read():
+    import random
+
+    def ex(length: int, gen: bool) -> Example:
+        return Example(torch.zeros(length, dtype=torch.long), torch.zeros(length), [], [torch.zeros(1)] if gen else [])
+
+    lengths = [30, 5, 12, 40, 7, 22, 9, 31, 18, 3, 25, 11, 6]
+    pool = [(i, ex(n, gen=i % 3 == 0)) for i, n in enumerate(lengths)]  # 5 generation, 8 understanding
+    batches, leftover = group_by_length(pool, 3, by_modality=True, rng=random.Random(0))
+    # Understanding: 8 -> 2 batches + the 2 last read; generation: 5 -> 1 batch + the 2 last read.
+    und = [i for i, e in pool if not e.is_generation]
+    gen = [i for i, e in pool if e.is_generation]
+    assert [i for i, _ in leftover] == sorted(und[-(len(und) % 3) :] + gen[-(len(gen) % 3) :])
+    assert len(batches) == 3 and all(len(b) == 3 for b in batches)
+    for b in batches:
+        assert len({e.is_generation for _, e in b}) == 1  # one modality per batch
+        assert [len(e.input_ids) for _, e in b] == sorted((len(e.input_ids) for _, e in b), reverse=True)
+    served = sorted(i for b in batches for i, _ in b) + [i for i, _ in leftover]
+    assert sorted(served) == list(range(len(pool)))  # every sample once
+    # Without modalities: one group, sorted across kinds, and a seeded order.
+    mixed, rest = group_by_length(pool[:12], 3, by_modality=False, rng=random.Random(0))
+    assert rest == [] and sorted(len(e.input_ids) for _, e in mixed[0]) == [len(e.input_ids) for _, e in mixed[0]][::-1]
+    again, _ = group_by_length(pool[:12], 3, by_modality=False, rng=random.Random(0))
+    assert [[i for i, _ in b] for b in again] == [[i for i, _ in b] for b in mixed]
+
+
+def test_length_grouped_stream_pads_less_and_keeps_modalities_apart():
+    plain = list(make_dm().train_dataloader())
+    grouped_dm = make_dm(group_by="modality_length", group_batches=4)
+    grouped = list(grouped_dm.train_dataloader())
+    assert len(grouped) == len(plain) == 16
+    for batch in grouped:
+        pools = {"start", "carry", "end", "emitted"}
+        assert set(batch["_stream"]) == {"epoch", "worker", "cursor", "batches", "skipped"} | pools
+        batch = grouped_dm.on_before_batch_transfer(batch, 0)
+        check_batch_contract(batch, grouped_dm)
+        gen_rows = (batch["input_ids"] == SpecialTokenIds.from_tokenizer(grouped_dm.tokenizer).gen_start).any(1)
+        assert gen_rows.all() or not gen_rows.any()
+    assert padding_fraction(grouped) < 0.5 * padding_fraction(plain)
+    by_length = list(make_dm(group_by="length", group_batches=4).train_dataloader())
+    assert padding_fraction(by_length) < padding_fraction(plain)
+    with pytest.raises(ValueError, match="group_batches"):
+        make_dm(group_by="length", group_batches=1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("cut", [3, 8])  # (0 workers) after a pool's last batch; mid-pool with carried samples
+def test_length_grouped_resume_continues_the_stream_exactly(workers, cut):
+    settings = {"num_workers": workers, "group_by": "modality_length", "group_batches": 4}
+    full = consume(make_dm(**settings))
+    assert len(full) == 16
+    first = make_dm(**settings)
+    assert consume(first, limit=cut) == full[:cut]
+    state = reload(first.state_dict())
+    assert state["grouping"] == "modality_length:4"
+    resumed = make_dm(**settings)
+    resumed.load_state_dict(state)
+    rest = consume(resumed)
+    for w in range(max(workers, 1)):
+        assert [b for x, b in rest if x == w] == [b for x, b in full[cut:] if x == w]
+    assert len(rest) == 16 - cut
+    # Other grouping settings: an approximate resume that keeps the epoch's length.
+    other = make_dm(num_workers=workers, group_by="length", group_batches=4)
+    other.load_state_dict(state)
+    assert len(consume(other)) == 16 - cut
+
+
+def test_length_grouped_ranks_draw_their_own_streams():
+    dm = make_dm(group_by="length", group_batches=2)
+    stream = dm.train_stream
+    assert stream is not None
+    first = [ids_of(b) for b in stream]
+    stream.rank, stream.world_size = 1, 2
+    second = [ids_of(b) for b in stream]
+    assert len(second) == len(first) // 2 and second != first[: len(second)]

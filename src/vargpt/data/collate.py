@@ -28,6 +28,11 @@ class Example:
     pixel_gen_values: list[torch.Tensor] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def is_generation(self) -> bool:
+        """Whether the sample has a generation target (its modality, for length grouping)."""
+        return bool(self.pixel_gen_values)
+
 
 @dataclass
 class Collator:

@@ -8,6 +8,7 @@ default so the root schema can build an empty one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 from omegaconf import MISSING
@@ -16,6 +17,18 @@ from omegaconf import MISSING
 def resolve_path(path: str, root: str | Path) -> Path:
     """A config path: absolute as given, relative under ``data.root``."""
     return Path(path) if Path(path).is_absolute() else Path(root) / path
+
+
+class GroupBy(Enum):
+    """How the training stream forms micro batches (``data.group_by``)."""
+
+    # In stream order (the shuffle buffer's).
+    none = "none"
+    # From a pool of samples sorted by token count (LLaVA's ``group_by_length``): less padding.
+    length = "length"
+    # The same within each modality: understanding-only and generation samples never share a micro batch
+    # (LLaVA's ``group_by_modality_length``, with generation targets as the second modality).
+    modality_length = "modality_length"
 
 
 @dataclass
@@ -76,6 +89,13 @@ class DataConfig:
     # would split, or skipped and counted when nothing trainable would remain.
     cutoff_len: int = 2048
     pad_to_multiple_of: int = 8
+    # Length-grouped batching of the training stream (vargpt.data.pipeline.group_by_length): none | length |
+    # modality_length. Each worker sorts a pool of micro_batch_size x group_batches samples by length (per modality)
+    # and cuts it into micro batches, served in a seeded random order; resume stays exact.
+    group_by: GroupBy = GroupBy.none
+    # Micro batches per pool (>= 2): larger pools group more tightly, hold more decoded samples per worker and
+    # take longer to rebuild on resume.
+    group_batches: int = 16
     # VAR's random crop of generation targets in training (false = centre crop).
     gen_random_crop: bool = True
     # Seconds between two warnings about skipped samples or unreadable shards (counts are always kept).

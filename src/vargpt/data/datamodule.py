@@ -5,7 +5,8 @@ DictConfig; ``model_cfg``: a ``ModelConfig``, which gives the image-token counts
 shapes world when the config asks for it and it is missing (``prepare_data``), streams batches built in the
 workers, and saves the training stream's position in checkpoints: ``state_dict`` holds every rank's worker
 positions (gathered when torch.distributed runs) and ``load_state_dict`` resumes exactly when the epoch,
-seed, world size and worker count match, else approximately (same number of remaining batches, new draws).
+seed, world size, worker count and length grouping match, else approximately (same number of remaining batches,
+new draws).
 
 Positions are recorded in ``on_before_batch_transfer``, which Lightning calls when the training loop takes a
 batch (not when the loader prefetches it); a LightningModule should not override that hook as well.
@@ -73,7 +74,7 @@ class VARGPTDataModule(LightningDataModule):
         self._next_epoch = 0
         self._epoch = 0
         # This rank's worker positions in the current epoch, as reported by the batches the loop took.
-        self._positions: dict[int, dict[str, int]] = {}
+        self._positions: dict[int, dict[str, Any]] = {}
         self._skipped: dict[int, dict[str, int]] = {}
         self._pending: dict[str, Any] | None = None
 
@@ -146,6 +147,8 @@ class VARGPTDataModule(LightningDataModule):
                 shuffle_buffer=cfg.shuffle_buffer,
                 shuffle_initial=cfg.shuffle_initial,
                 warn_interval_s=cfg.warn_interval_s,
+                group_by=cfg.group_by,
+                group_batches=cfg.group_batches,
             )
         if cfg.val_sources:
             self.val_stream = EvalStream(
@@ -191,7 +194,7 @@ class VARGPTDataModule(LightningDataModule):
         self._epoch, self._positions, self._skipped = epoch, positions, {}
         self.train_stream.set_epoch(epoch, positions)
 
-    def _resume_positions(self, epoch: int) -> dict[int, dict[str, int]]:
+    def _resume_positions(self, epoch: int) -> dict[int, dict[str, Any]]:
         """Worker positions to start ``epoch`` from: exact, approximate (see module docstring), or none."""
         state, self._pending = self._pending, None
         if state is None:
@@ -202,11 +205,8 @@ class VARGPTDataModule(LightningDataModule):
         stream = self.train_stream
         assert stream is not None
         mine = state["positions"].get(stream.rank)
-        same = (state["seed"], state["world_size"], state["num_workers"]) == (
-            stream.seed,
-            stream.world_size,
-            stream.num_workers,
-        )
+        saved = (state["seed"], state["world_size"], state["num_workers"], state.get("grouping", "none"))
+        same = saved == (stream.seed, stream.world_size, stream.num_workers, stream.grouping)
         if same and mine is not None:
             log.info("resuming the training stream exactly at epoch %d, positions %s", epoch, mine)
             return {int(w): dict(p) for w, p in mine.items()}
@@ -214,10 +214,10 @@ class VARGPTDataModule(LightningDataModule):
         done = sum(p["batches"] for p in next(iter(state["positions"].values())).values())
         log.warning(
             "resuming the training stream approximately: %d batches of epoch %d done, the rest drawn afresh "
-            "(saved with seed/world size/workers %s)",
+            "(saved with seed/world size/workers/grouping %s)",
             done,
             epoch,
-            (state["seed"], state["world_size"], state["num_workers"]),
+            saved,
         )
         per_worker, extra = divmod(done, stream.num_workers)
         return {w: {"cursor": 0, "batches": per_worker + (w < extra)} for w in range(stream.num_workers)}
@@ -227,7 +227,8 @@ class VARGPTDataModule(LightningDataModule):
         """Record the position of a training batch the loop takes, and drop it from the batch."""
         stream = batch.pop("_stream", None) if isinstance(batch, dict) else None
         if stream is not None and stream["epoch"] == self._epoch:
-            self._positions[stream["worker"]] = {"cursor": stream["cursor"], "batches": stream["batches"]}
+            position = {k: v for k, v in stream.items() if k not in ("epoch", "worker", "skipped")}
+            self._positions[stream["worker"]] = position
             self._skipped[stream["worker"]] = stream["skipped"]
         return batch
 
@@ -242,7 +243,7 @@ class VARGPTDataModule(LightningDataModule):
         stream = self.train_stream
         if stream is None:
             return {}
-        positions: dict[int, dict[int, dict[str, int]]] = {stream.rank: dict(self._positions)}
+        positions: dict[int, dict[int, dict[str, Any]]] = {stream.rank: dict(self._positions)}
         if torch.distributed.is_available() and torch.distributed.is_initialized() and stream.world_size > 1:
             # Checkpoints are written by rank 0: gather every rank's positions (all ranks dump the state).
             gathered: list[Any] = [None] * stream.world_size
@@ -253,6 +254,7 @@ class VARGPTDataModule(LightningDataModule):
             "seed": stream.seed,
             "world_size": stream.world_size,
             "num_workers": stream.num_workers,
+            "grouping": stream.grouping,
             "positions": positions,
         }
 

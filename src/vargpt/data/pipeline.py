@@ -9,6 +9,14 @@ every rank runs the same number of steps per "epoch". Every random choice is see
 worker), so a stream is a pure function of them: each batch carries its worker's position (raw samples read,
 batches made) and resuming from a saved position skips that many raw samples, unopened, to continue exactly.
 
+Length grouping (``group_by``, LLaVA's ``group_by_length`` / ``group_by_modality_length``): instead of batching
+in stream order, each worker fills a pool of ``micro_batch_size x group_batches`` processed samples, sorts it by
+token count (per modality: understanding-only vs generation), cuts it into micro batches and serves them in a
+seeded random order (:func:`group_by_length`), reading the next pool's samples as it serves them. The position
+then also names what rebuilds the pools (where their samples start and end, the raw indices of the leftover a
+pool took over, how many of its batches were served), so a resume re-processes those samples only and continues
+exactly.
+
 Evaluation (:class:`EvalStream`): every shard once, in manifest order, split across ranks then workers as
 WebDataset's ``split_by_node`` / ``split_by_worker`` do; with fewer shards than ranks x workers, samples are
 split round-robin instead. Either way no sample is seen twice and none is dropped.
@@ -16,6 +24,7 @@ split round-robin instead. Either way no sample is seen twice and none is droppe
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import math
@@ -32,7 +41,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from vargpt.data.chat import tokenize_conversation
 from vargpt.data.collate import Collator, Example
-from vargpt.data.config import SourceConfig, resolve_path
+from vargpt.data.config import GroupBy, SourceConfig, resolve_path
 from vargpt.data.records import IMAGE, IMAGE_UNREADABLE, READ_ERROR, InvalidSampleError
 from vargpt.data.shards import iter_raw_samples, parse_record, shard_list
 from vargpt.data.transforms import decode_image
@@ -141,14 +150,50 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
+def _example(item: tuple[str, dict[str, Any]], processor: SampleProcessor, skips: SkipCounter) -> Example | None:
+    """A ``(source, raw)`` sample processed, or None when it is invalid (then counted)."""
+    source, raw = item
+    try:
+        return processor(raw, source)
+    except InvalidSampleError as exc:
+        skips.add(exc.reason, exc.detail)
+        return None
+
+
 def _process(
     samples: Iterator[tuple[str, dict[str, Any]]], processor: SampleProcessor, skips: SkipCounter
 ) -> Iterator[Example]:
-    for source, raw in samples:
-        try:
-            yield processor(raw, source)
-        except InvalidSampleError as exc:
-            skips.add(exc.reason, exc.detail)
+    for item in samples:
+        if (example := _example(item, processor, skips)) is not None:
+            yield example
+
+
+# A pooled sample: (its index in the worker's raw stream, the sample).
+Indexed = tuple[int, Example]
+
+
+def group_by_length(
+    pool: list[Indexed], batch_size: int, by_modality: bool, rng: random.Random
+) -> tuple[list[list[Indexed]], list[Indexed]]:
+    """Cut a pool (in read order) into micro batches of similar length: ``(batches in random order, leftover)``.
+
+    Per group (one, or understanding-only and generation samples apart when ``by_modality``), the samples are sorted
+    by token count, longest first, and cut into ``batch_size`` runs. When a group's size is not a multiple of the
+    batch, its last-read samples are the leftover (in read order), for the next pool: chosen by arrival, not by
+    length, so that no length waits longer than another (LLaVA instead mixes the leftovers in one batch).
+    """
+    groups: dict[bool, list[Indexed]] = {}
+    for item in pool:
+        groups.setdefault(by_modality and item[1].is_generation, []).append(item)
+    batches: list[list[Indexed]] = []
+    leftover: list[Indexed] = []
+    for _, members in sorted(groups.items()):
+        cut = len(members) - len(members) % batch_size
+        leftover += members[cut:]
+        ordered = sorted(members[:cut], key=lambda item: -len(item[1].input_ids))  # stable: ties in read order
+        batches += [ordered[i : i + batch_size] for i in range(0, cut, batch_size)]
+    rng.shuffle(batches)
+    return batches, sorted(leftover, key=lambda item: item[0])
 
 
 class TrainStream(IterableDataset):
@@ -156,7 +201,8 @@ class TrainStream(IterableDataset):
 
     ``set_epoch(epoch, positions)`` before iterating picks the epoch's streams and, to resume, each worker's
     position ``{"cursor": raw samples read, "batches": batches made}`` (what every batch reports in its
-    ``_stream`` entry).
+    ``_stream`` entry; with length grouping also ``start``, ``carry``, ``end`` and ``emitted``: see
+    :meth:`_grouped`).
     """
 
     def __init__(
@@ -173,9 +219,16 @@ class TrainStream(IterableDataset):
         shuffle_buffer: int = 1000,
         shuffle_initial: int = 100,
         warn_interval_s: float = 60.0,
+        group_by: GroupBy | str = GroupBy.none,
+        group_batches: int = 16,
     ) -> None:
         if not sources:
             raise ValueError("the training stream has no source with a positive weight")
+        self.group_by = GroupBy(group_by)
+        if self.group_by is not GroupBy.none and group_batches < 2:
+            # Two modalities may each leave up to micro_batch_size - 1 samples: a pool of 2 batches always cuts one.
+            raise ValueError(f"group_batches must be >= 2 with group_by={self.group_by.value}, got {group_batches}")
+        self.group_batches = group_batches
         self.sources = sources
         self.processor = processor
         self.collator = collator
@@ -189,9 +242,9 @@ class TrainStream(IterableDataset):
         self.shuffle_initial = shuffle_initial
         self.warn_interval_s = warn_interval_s
         self.epoch = 0
-        self.positions: dict[int, dict[str, int]] = {}
+        self.positions: dict[int, dict[str, Any]] = {}
 
-    def set_epoch(self, epoch: int, positions: dict[int, dict[str, int]] | None = None) -> None:
+    def set_epoch(self, epoch: int, positions: dict[int, dict[str, Any]] | None = None) -> None:
         self.epoch = epoch
         self.positions = dict(positions or {})
 
@@ -203,6 +256,11 @@ class TrainStream(IterableDataset):
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same on every rank)."""
         return self.batches_per_worker() * self.num_workers
+
+    @property
+    def grouping(self) -> str:
+        """What a saved position depends on besides seed, ranks and workers: ``none`` or ``<group_by>:<batches>``."""
+        return "none" if self.group_by is GroupBy.none else f"{self.group_by.value}:{self.group_batches}"
 
     def _seed(self, worker: int, role: str) -> str:
         return f"{self.seed}:{self.epoch}:{self.rank}/{self.world_size}:{worker}/{self.num_workers}:{role}"
@@ -244,31 +302,90 @@ class TrainStream(IterableDataset):
         worker, num_workers = _worker()
         if num_workers != self.num_workers:
             raise RuntimeError(f"stream built for {self.num_workers} workers runs in a DataLoader with {num_workers}")
-        position = dict(self.positions.get(worker, {"cursor": 0, "batches": 0}))
+        position = {"cursor": 0, "batches": 0, **copy.deepcopy(self.positions.get(worker, {}))}
         if position["batches"] >= self.batches_per_worker():
             return
         skips = SkipCounter(f"train rank {self.rank} worker {worker}", self.warn_interval_s)
-        # Resume: the stream is a pure function of its seeds, so skipping the raw samples already read (without
-        # decoding them) continues exactly where the saved position was.
-        raw = itertools.islice(self._raw_stream(worker, skips), position["cursor"], None)
-
-        def counted() -> Iterator[tuple[str, dict[str, Any]]]:
-            for item in raw:
-                position["cursor"] += 1
-                yield item
-
-        batch: list[Example] = []
-        for example in _process(counted(), self.processor, skips):
-            batch.append(example)
-            if len(batch) < self.micro_batch_size:
-                continue
-            position["batches"] += 1
-            out = self.collator(batch)
-            out["_stream"] = {"epoch": self.epoch, "worker": worker, **position, "skipped": dict(skips.counts)}
+        raw = self._raw_stream(worker, skips)
+        make = self._in_order if self.group_by is GroupBy.none else self._grouped
+        for examples in make(raw, position, worker, skips):
+            out = self.collator(examples)
+            out["_stream"] = {"epoch": self.epoch, "worker": worker, **copy.deepcopy(position)}
+            out["_stream"]["skipped"] = dict(skips.counts)
             yield out
-            batch = []
             if position["batches"] >= self.batches_per_worker():
                 return
+
+    def _in_order(
+        self, raw: Iterator[tuple[str, dict[str, Any]]], position: dict[str, Any], worker: int, skips: SkipCounter
+    ) -> Iterator[list[Example]]:
+        """Micro batches in stream order; updates ``position`` before each."""
+        # Resume: the stream is a pure function of its seeds, so skipping the raw samples already read (without
+        # decoding them) continues exactly where the saved position was.
+        batch: list[Example] = []
+        for index, item in itertools.islice(enumerate(raw), position["cursor"], None):
+            position["cursor"] = index + 1
+            if (example := _example(item, self.processor, skips)) is None:
+                continue
+            batch.append(example)
+            if len(batch) == self.micro_batch_size:
+                position["batches"] += 1
+                yield batch
+                batch = []
+
+    def _grouped(
+        self, raw: Iterator[tuple[str, dict[str, Any]]], position: dict[str, Any], worker: int, skips: SkipCounter
+    ) -> Iterator[list[Example]]:
+        """Length-grouped micro batches (:func:`group_by_length`); updates ``position`` before each.
+
+        The first pool is filled before the first batch; then, before serving each batch of a pool, ``B`` fresh
+        samples go into the next one, so reading keeps pace with the steps instead of stalling one step per pool.
+        Besides ``cursor`` and ``batches``, the position names the pools: the one being served holds the samples
+        of ``carry`` (raw indices of the leftover it took over) and those read from ``start`` to ``end``; it has
+        served ``emitted`` batches; the samples read from ``end`` on wait for the next pool. ``end`` None: the pool
+        is still being filled (its last batch already names the next pool so).
+        """
+        B = self.micro_batch_size
+        size = B * self.group_batches
+        by_modality = self.group_by is GroupBy.modality_length
+        for key, default in (("start", position["cursor"]), ("carry", []), ("end", None), ("emitted", 0)):
+            position.setdefault(key, default)
+        stream = enumerate(raw)
+
+        def add(index: int, item: tuple[str, dict[str, Any]], pool: list[Indexed]) -> None:
+            if (example := _example(item, self.processor, skips)) is not None:
+                pool.append((index, example))
+
+        def fill(pool: list[Indexed], n: int) -> None:
+            while len(pool) < n:
+                index, item = next(stream)
+                position["cursor"] = index + 1
+                add(index, item, pool)
+
+        # Resume: re-process the samples the pools held at the saved position (in read order, as they were pooled);
+        # skip the others unopened. A fresh start replays nothing.
+        pool: list[Indexed] = []
+        fresh: list[Indexed] = []
+        carry, end = set(position["carry"]), position["end"]
+        for index, item in itertools.islice(stream, position["cursor"]):
+            if end is not None and index >= end:
+                add(index, item, fresh)
+            elif index >= position["start"] or index in carry:
+                add(index, item, pool)
+        while True:
+            if position["end"] is None:
+                fill(pool, size)
+                position["end"] = position["cursor"]
+            rng = random.Random(self._seed(worker, f"group:{position['start']}"))
+            batches, leftover = group_by_length(pool, B, by_modality, rng)
+            pool, fresh = leftover + fresh, []  # the next pool, in read order
+            for k in range(position["emitted"], len(batches)):
+                fill(pool, min(size, len(pool) + B))
+                position["batches"] += 1
+                position["emitted"] = k + 1
+                if k + 1 == len(batches):
+                    position.update(start=position["end"], carry=[index for index, _ in leftover], end=None, emitted=0)
+                yield [example for _, example in batches[k]]
 
 
 class EvalStream(IterableDataset):
