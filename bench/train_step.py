@@ -30,7 +30,7 @@ Reported (medians over ``steps`` timed steps after ``warmup``; ``min ms`` the fa
 on a shared machine): ``step ms`` (forward+backward+optimizer, with ``fwd``/``bwd``/``opt`` from CUDA events or
 CPU clocks), ``data wait ms``, ``samples/s`` and ``tokens/s``
 (real, unpadded LLM tokens) over step + wait, ``TFLOP/s`` and ``MFU %`` = model FLOPs of the step / time /
-peak. FLOPs come from ``bench/flops.py`` (VARGPTFlops):
+peak. FLOPs come from ``vargpt.training.flops`` (VARGPTFlops):
 
     per part c (vision tower, projectors, LLM, LM head, VAR blocks...), per token:
         2 N_c forward + 2 N_c backward-through-activations (only where a gradient flows: c or a part upstream
@@ -88,7 +88,8 @@ from common import (  # noqa: E402
     sync,
     write_json,
 )
-from flops import BatchShape, VARGPTFlops, describe_parts, measure_flops  # noqa: E402
+
+from vargpt.training.flops import BatchShape, VARGPTFlops, describe_parts, measure_flops  # noqa: E402
 
 DEFAULTS: dict[str, Any] = {
     "model": "tiny",
@@ -414,7 +415,7 @@ class Runner:
         self.flops.append(self.last_count.total)
         self.tokens.append(shape.real_tokens)
         self.padded.append(shape.padded_tokens)
-        self.samples.append(len(shape.lengths))
+        self.samples.append(shape.samples)
 
     def result(self) -> dict[str, Any]:
         args, times = self.args, self.times

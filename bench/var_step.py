@@ -17,7 +17,7 @@ loader would hand them over; ``encode=true`` runs the frozen VQ-VAE (``img_to_co
 step, as VAR's trainer does. ``optimizer=true`` adds AdamW (``fused_adam=true``: the fused kernel).
 
 Reported: medians over ``steps`` steps after ``warmup``: step / forward / backward / optimizer ms, tokens/s
-(B x L / step), images/s, TFLOP/s, ``MFU %`` with this framework's exact count (bench/flops.py VARFlops:
+(B x L / step), images/s, TFLOP/s, ``MFU %`` with this framework's exact count (vargpt.training.flops VARFlops:
 6N per token for the per-token matmuls, AdaLN per image, block-causal attention 4 C pairs forward and 8 C pairs
 backward per block) and ``MFU6N %`` = 6 x all parameters x B x L / time / peak, the convention of the
 reference figures (which count AdaLN and head per token and no attention), so that the two MFU columns
@@ -54,9 +54,9 @@ from common import (  # noqa: E402
     sync,
     write_json,
 )
-from flops import VARFlops  # noqa: E402
 
 from vargpt.model.vqvae import vqvae_from_config  # noqa: E402
+from vargpt.training.flops import VARFlops  # noqa: E402
 
 DEFAULTS: dict[str, Any] = {
     "configs": [],  # empty: d16:64,d30:16 on a GPU, tiny:8,d4:2 on a CPU

@@ -41,9 +41,9 @@ from common import (  # noqa: E402
     timed,
     write_json,
 )
-from flops import measure_flops  # noqa: E402
 
 from vargpt.model.vqvae import vqvae_from_config  # noqa: E402
+from vargpt.training.flops import measure_flops  # noqa: E402
 
 DEFAULTS: dict[str, Any] = {
     "config": ["tiny", "ch160"],

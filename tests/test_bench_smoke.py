@@ -1,6 +1,6 @@
-"""The bench scripts run end to end on the tiny config (2 CPU steps) and print their tables; the FLOP count
-of bench/flops.py agrees with torch's own counter where both count the same thing; the PyYAML config
-fallback (the GPU image has no omegaconf) reads the same config as OmegaConf."""
+"""The bench scripts run end to end on the tiny config (2 CPU steps) and print their tables; the PyYAML config
+fallback (the GPU image has no omegaconf) reads the same config as OmegaConf. (The FLOP count they print is
+vargpt.training.flops, tested in test_training_flops.py.)"""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -69,58 +68,6 @@ def test_vqvae_tiny_prints_the_table(bench, capsys):
     for r in rows:
         row = dict(zip(header, r, strict=True))
         assert float(row["enc img/s"]) > 0 and float(row["dec img/s"]) > 0 and float(row["enc GFLOP/img"]) > 0
-
-
-def test_var_flops_match_torch_counter(bench):
-    """Weight FLOPs of the VAR step equal FlopCounterMode's count: forward exactly; backward up to the input
-    gradient of the first layer (autograd skips it: the teacher input needs none). Attention is left out of
-    this comparison (on a CPU the counter does not see the fused SDPA kernel)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    flops = bench("flops")
-    from vargpt.model import build_var
-
-    torch.manual_seed(0)
-    var = build_var(2, vocab_size=64, z_channels=8, patch_nums=(1, 2, 3), embed_dim=32, num_heads=2).train()
-    var.cond_drop_rate = 0.0
-    B = 3
-    count = flops.VARFlops(var)
-    attn = 4.0 * count.layers * count.dim * count.pairs * B
-    fwd_weights = count(B, backward=False).forward - attn
-    teacher = torch.randn(B, var.L - var.first_l, var.Cvae)
-    with FlopCounterMode(display=False) as fc:
-        logits = var(torch.zeros(B, dtype=torch.long), teacher)
-    assert fc.get_total_flops() == fwd_weights
-    with FlopCounterMode(display=False) as fc:
-        logits.sum().backward()
-    bwd_weights = count(B).backward - 2 * attn
-    first_layer_input_grad = 2.0 * var.word_embed.weight.numel() * B * (var.L - var.first_l)
-    assert fc.get_total_flops() == bwd_weights - first_layer_input_grad
-    assert flops.block_causal_pairs((1, 2, 3, 4, 5, 6, 8, 10, 13, 16)) == 286_434
-
-
-def test_vargpt_flops_follow_the_stage(bench):
-    """Frozen parts on the gradient path cost 4N, trained ones 6N, frozen ones off it 2N."""
-    flops = bench("flops")
-    common = bench("common")
-    from vargpt.model import build_vargpt
-    from vargpt.training.stage import apply_stage
-
-    cfg = common.load_model_cfg("tiny")
-    ids = bench("train_step").synthetic_ids(cfg.llm.vocab_size)
-    model = build_vargpt(cfg, ids)
-    shape = flops.BatchShape(lengths=[100, 60], padded_len=104, num_labels=20, num_und_images=1, num_gen_images=1)
-    stages = {}
-    for name in ("pretrain", "sft_mixed", "sft_gen"):
-        apply_stage(model, common.load_stage(name)["trainable"], name)
-        stages[name] = flops.VARGPTFlops(model)(shape).parts
-    lm_fwd, lm_bwd = stages["sft_mixed"]["language_model"]
-    attn = 4.0 * 4 * 128 * (100 * 101 // 2 + 60 * 61 // 2)
-    assert lm_bwd - 2 * attn == pytest.approx(2 * (lm_fwd - attn))  # trained: 6N
-    lm_fwd3, lm_bwd3 = stages["sft_gen"]["language_model"]
-    assert lm_fwd3 == lm_fwd and lm_bwd3 - 2 * attn == pytest.approx(lm_fwd - attn)  # frozen, grad flows: 4N
-    vis_fwd, vis_bwd = stages["sft_gen"]["vision_tower"]
-    assert vis_fwd > 0 and vis_bwd == 0  # frozen, nothing upstream trains: 2N
 
 
 def test_yaml_fallback_reads_the_same_config(bench, monkeypatch):

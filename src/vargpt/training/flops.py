@@ -1,8 +1,13 @@
 """Model FLOPs of a training step, counted from the model and the batch: the numerator of MFU.
 
-Reusable outside the bench scripts (no imports beyond torch): ``VARGPTFlops(model)(batch)`` for a VARGPT
-micro batch under the model's current ``requires_grad`` (the stage's trainable set), ``VARFlops(var)(B)`` for
-the class-conditional VAR decoder step. Both return a ``FlopCount`` (forward/backward per part).
+The one FLOP count of the project: the training throughput monitor (``vargpt.training.callbacks``) and the
+bench scripts (``bench/train_step.py``, ``bench/var_step.py``) both use it. It imports nothing beyond torch, so
+the bench scripts run without Lightning. ``VARGPTFlops(model)(shape)`` for VARGPT micro batches under the
+model's current ``requires_grad`` (the stage's trainable set), ``VARFlops(var)(B)`` for the class-conditional
+VAR decoder step; both return a ``FlopCount`` (forward/backward per part). A ``BatchShape`` is additive and the
+count is linear in it, so the FLOPs of a log interval are those of the summed shapes of its micro batches.
+
+**What MFU counts**: the multiply-accumulates a step needs to do on useful tokens, whatever kernels run them.
 
 The rule (2 FLOPs per multiply-accumulate; N_c = multiply-accumulates of part c's weight matrices per token)::
 
@@ -35,14 +40,22 @@ FLOPs per trainable parameter, element-wise), and recomputation (activation chec
 backward): this is model FLOPs (MFU), not hardware FLOPs (HFU). The frozen VQ-VAE that turns target pixels
 into codes is a tokenizer: its forward FLOPs are reported apart (``FlopCount.excluded``) and not in MFU, so
 that precomputed codes show up as a higher MFU.
+
+Against torch's ``FlopCounterMode`` (which counts the matmuls and convolutions that actually run;
+``tests/test_training_flops.py``): the weight terms agree part by part, up to (a) the input gradient of a first
+layer whose input needs none (the VAR ``word_embed`` on the teacher input: autograd skips it, the rule counts
+it), (b) padding, which the counter counts as LLM work and this count does not, (c) attention, which the
+counter sees only as its math kernel's full T x T products (the mask's skipped pairs included), or not at all
+for fused CPU kernels, and (d) the VQ-VAE's convolutions, which the counter counts and MFU does not.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+import torch
 from torch import nn
 
 IGNORE_INDEX = -100
@@ -208,45 +221,66 @@ class ModelFlops:
         return fwd, bwd
 
 
-@dataclass
-class BatchShape:
-    """What the FLOP count needs from a batch in the collator's contract (read on the host)."""
+# The BatchShape fields that token_counts gives, in its order (the others come from tensor sizes).
+TOKEN_COUNT_FIELDS = ("real_tokens", "llm_pairs", "num_labels")
 
-    lengths: list[int]
-    padded_len: int
-    num_labels: int
-    num_und_images: int
-    num_gen_images: int
-    has_codes: bool = False  # generation targets come as precomputed codes (no VQ-VAE encoding in the step)
+
+def token_counts(batch: Mapping[str, Any]) -> torch.Tensor:
+    """(real tokens, causal query-key pairs, labelled positions) of a batch: int64 (3,) on the batch's device.
+
+    Tensor ops only, nothing read back: on a GPU batch it queues a few small kernels and never waits for them
+    (the throughput monitor sums these per micro batch and reads the sum once per log interval).
+    """
+    ids_BT = batch["input_ids"]
+    mask_BT = batch.get("attention_mask")
+    if mask_BT is None:
+        n_B = torch.full((ids_BT.shape[0],), ids_BT.shape[1], dtype=torch.long, device=ids_BT.device)
+    else:
+        n_B = mask_BT.sum(1, dtype=torch.long)
+    labelled = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+    return torch.stack([n_B.sum(), (n_B * (n_B + 1) // 2).sum(), labelled])
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """What the FLOP count needs from a batch in the collator's contract. Every field is a sum over rows or
+    images, so the shape of several micro batches is the sum of theirs (``+``), and so is their FLOP count."""
+
+    samples: int = 0
+    padded_tokens: int = 0  # B x T: what the LLM runs on, padding included
+    real_tokens: int = 0  # attention-mask ones: the useful LLM tokens
+    llm_pairs: int = 0  # causal query-key pairs over each row's real tokens, summed over rows
+    num_labels: int = 0  # positions with a next-token label: the rows the LM head runs on
+    num_und_images: int = 0
+    num_gen_images: int = 0
+    num_gen_encoded: int = 0  # generation targets given as pixels (the VQ-VAE encodes them in the step)
+
+    @classmethod
+    def sizes(cls, batch: Mapping[str, Any]) -> BatchShape:
+        """The fields that tensor sizes give, without reading any tensor; the token fields are left at 0."""
+        ids_BT = batch["input_ids"]
+        und, gen, codes = batch.get("pixel_values"), batch.get("pixel_gen_values"), batch.get("gen_codes")
+        n_gen = codes.shape[0] if codes is not None else (0 if gen is None else gen.shape[0])
+        return cls(
+            samples=ids_BT.shape[0],
+            padded_tokens=ids_BT.numel(),
+            num_und_images=0 if und is None else und.shape[0],
+            num_gen_images=n_gen,
+            num_gen_encoded=n_gen if codes is None else 0,
+        )
+
+    def with_tokens(self, counts: Sequence[int]) -> BatchShape:
+        """This shape with the token fields set from ``token_counts`` values (read on the host)."""
+        return replace(self, **{f: int(c) for f, c in zip(TOKEN_COUNT_FIELDS, counts, strict=True)})
 
     @classmethod
     def from_batch(cls, batch: Mapping[str, Any]) -> BatchShape:
-        """From ``input_ids``/``attention_mask``/``labels``/``pixel_values``/``pixel_gen_values``/``gen_codes``.
+        """Sizes and token counts of a batch. Reads the counts back: call it on the host copy of the batch
+        (on a GPU batch it is a host-device sync)."""
+        return cls.sizes(batch).with_tokens(token_counts(batch).tolist())
 
-        Reads tensor values (a host sync on a GPU tensor): call it on the host copy of the batch.
-        """
-        ids = batch["input_ids"]
-        mask = batch.get("attention_mask")
-        lengths = mask.sum(1).tolist() if mask is not None else [ids.shape[1]] * ids.shape[0]
-        labels = batch["labels"]
-        n_labels = int((labels[:, 1:] != IGNORE_INDEX).sum())
-        und = batch.get("pixel_values")
-        has_codes = batch.get("gen_codes") is not None
-        if has_codes:
-            n_gen = batch["gen_codes"].shape[0]
-        else:
-            gen = batch.get("pixel_gen_values")
-            n_gen = 0 if gen is None else gen.shape[0]
-        n_und = 0 if und is None else und.shape[0]
-        return cls([int(n) for n in lengths], ids.shape[1], n_labels, n_und, n_gen, has_codes)
-
-    @property
-    def real_tokens(self) -> int:
-        return sum(self.lengths)
-
-    @property
-    def padded_tokens(self) -> int:
-        return self.padded_len * len(self.lengths)
+    def __add__(self, other: BatchShape) -> BatchShape:
+        return BatchShape(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
 
 class VARGPTFlops:
@@ -273,10 +307,11 @@ class VARGPTFlops:
         self.vq_encode_flops = vq_encode_flops
 
     def __call__(self, batch: Mapping[str, Any] | BatchShape) -> FlopCount:
+        """FLOPs of a batch (read on the host: see ``BatchShape.from_batch``) or of a ``BatchShape``, which may
+        be the sum of several micro batches' shapes."""
         s = batch if isinstance(batch, BatchShape) else BatchShape.from_batch(batch)
         m, n_und, n_gen = self.m, s.num_und_images, s.num_gen_images
         vis_tokens = self.P + 1
-        llm_pairs = sum(causal_pairs(n) for n in s.lengths)
         parts = {
             "vision_patch": m.cost("vision_patch", n_und * self.P),
             "vision_tower": m.cost(
@@ -288,7 +323,7 @@ class VARGPTFlops:
             "var_embed": m.cost("var_embed", n_gen * (self.L - self.first_l)),
             "image_gen_projector": m.cost("image_gen_projector", n_gen * self.L),
             "language_model": m.cost(
-                "language_model", s.real_tokens, attn_fwd=4.0 * self.llm_layers * self.llm_attn_dim * llm_pairs
+                "language_model", s.real_tokens, attn_fwd=4.0 * self.llm_layers * self.llm_attn_dim * s.llm_pairs
             ),
             "lm_head": m.cost("lm_head", s.num_labels),
             "image_gen_projector_out": m.cost("image_gen_projector_out", n_gen * self.L),
@@ -300,8 +335,8 @@ class VARGPTFlops:
             ),
         }
         excluded = {}
-        if self.vq_encode_flops and n_gen and not s.has_codes:
-            excluded["vq_encode"] = self.vq_encode_flops * n_gen
+        if self.vq_encode_flops and s.num_gen_encoded:
+            excluded["vq_encode"] = self.vq_encode_flops * s.num_gen_encoded
         return FlopCount(parts, excluded)
 
 
@@ -362,6 +397,7 @@ def describe_parts(m: ModelFlops) -> list[list[str]]:
 __all__ = [
     "VARGPT_PARTS",
     "VAR_PARTS",
+    "TOKEN_COUNT_FIELDS",
     "BatchShape",
     "FlopCount",
     "ModelFlops",
@@ -372,4 +408,5 @@ __all__ = [
     "causal_pairs",
     "describe_parts",
     "measure_flops",
+    "token_counts",
 ]
