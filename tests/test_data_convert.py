@@ -323,6 +323,7 @@ def test_imagenet_parquet_index_and_extraction(tmp_path):
         "imagenet_parquet_index",
         "make_shapes",
         "verify_shards",
+        "encode_gen_codes",
     ],
 )
 def test_scripts_have_help(script):

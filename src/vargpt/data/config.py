@@ -98,5 +98,9 @@ class DataConfig:
     group_batches: int = 16
     # VAR's random crop of generation targets in training (false = centre crop).
     gen_random_crop: bool = True
+    # Serve generation targets as precomputed VQ codes (``gen_codes``, written by data_prep/encode_gen_codes.py)
+    # instead of decoding and transforming their pixels; a generation sample without codes is skipped and counted
+    # (codes_missing). Codes are of the centre crop: no random-crop augmentation.
+    gen_codes: bool = False
     # Seconds between two warnings about skipped samples or unreadable shards (counts are always kept).
     warn_interval_s: float = 60.0

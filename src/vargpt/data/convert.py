@@ -54,10 +54,12 @@ _KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 # ------------------------------------------------------------------------------------------------ samples
 @dataclass
 class ConvertedSample:
-    """A sample ready for the shard: its record and the encoded bytes of its images in placeholder order."""
+    """A sample ready for the shard: its record, the encoded bytes of its images in placeholder order (None: not
+    stored, see ``shards.sample_members``) and any further members (precomputed codes)."""
 
     record: dict[str, Any]
-    images: list[bytes]
+    images: list[bytes | None]
+    extra: dict[str, bytes] = field(default_factory=dict)
 
 
 def check_image(data: bytes) -> tuple[bytes, str]:
@@ -135,6 +137,14 @@ class Converter:
         """``(global index, entry)`` of a part; the default reads entries carried in the payload."""
         return enumerate(part.payload, part.first)
 
+    def sample_key(self, index: int, entry: Any) -> str:
+        """The shard key of a converted entry (unique in the source): its global index by default."""
+        return f"{index:09d}"
+
+    def manifest_extra(self) -> dict[str, Any]:
+        """Entries the manifest carries besides the counts and the fingerprint (none by default)."""
+        return {}
+
     def entry_id(self, index: int, entry: Any) -> str:
         """The id listed for a skipped entry."""
         if isinstance(entry, dict) and entry.get("id") is not None:
@@ -206,7 +216,7 @@ def convert_part(converter: Converter, part: Part, options: ConvertOptions) -> d
                 example = {"id": converter.entry_id(index, entry), "reason": exc.reason, "detail": exc.detail[:200]}
                 result.skipped_examples.append(example)
             continue
-        writer.write(f"{index:09d}", sample_members(sample.record, sample.images))
+        writer.write(converter.sample_key(index, entry), sample_members(sample.record, sample.images, sample.extra))
         result.num_samples += 1
         result.num_images += len(sample.images)
     result.shards = [s.to_dict() for s in writer.close()]
@@ -312,6 +322,7 @@ def run_conversion(converter: Converter, options: ConvertOptions, executor: Exec
             rate,
         )
     manifest = _merge_parts(converter.source, [done[p] for p in sorted(done)], fingerprint, options.max_examples)
+    manifest.update(converter.manifest_extra())
     write_json_atomic(out_dir / MANIFEST_NAME, manifest)
     (out_dir / STATE_NAME).unlink(missing_ok=True)
     return manifest

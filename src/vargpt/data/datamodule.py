@@ -26,9 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from vargpt.data.collate import Collator
-from vargpt.data.config import DataConfig, resolve_path
+from vargpt.data.config import DataConfig, SourceConfig, resolve_path
 from vargpt.data.pipeline import EvalStream, SampleProcessor, TrainStream, load_sources
 from vargpt.data.shapes import ensure_shapes_world
+from vargpt.data.shards import GEN_CODES, read_manifest
 from vargpt.data.tokenizer import load_tokenizer
 from vargpt.data.transforms import clip_transform, var_transform
 from vargpt.model.config import ModelConfig
@@ -123,7 +124,27 @@ class VARGPTDataModule(LightningDataModule):
             cutoff_len=self.cfg.cutoff_len,
             und_transform=clip_transform(vision.image_size, tuple(vision.image_mean), tuple(vision.image_std)),
             gen_transform=var_transform(vqvae.image_size, train=train and self.cfg.gen_random_crop),
+            gen_codes=self.cfg.gen_codes,
         )
+
+    def _check_codes(self, sources: dict[str, SourceConfig]) -> None:
+        """With ``data.gen_codes``: the sources' codes must be of the model's VQ-VAE schedule and vocabulary; a
+        source without codes is named (its generation samples, if any, will be skipped as codes_missing)."""
+        vq = self.model_cfg.vqvae
+        expected = {"patch_nums": list(vq.patch_nums), "vocab_size": vq.vocab_size, "image_size": vq.image_size}
+        for name, source in sources.items():
+            if source.weight == 0:
+                continue
+            block = read_manifest(resolve_path(source.path, self.cfg.root)).get(GEN_CODES)
+            if block is None:
+                log.warning("data.gen_codes: source %s has no codes; its generation samples will be skipped", name)
+                continue
+            found = {key: block.get(key) for key in expected}
+            if found != expected:
+                raise ValueError(
+                    f"source {name}: its codes are of a VQ-VAE with {found}, the model's has {expected}; "
+                    "re-encode it with data_prep/encode_gen_codes.py"
+                )
 
     def setup(self, stage: str | None = None) -> None:
         # Fork-based workers inherit the tokenizer; its Rust thread pool must not be used across the fork.
@@ -133,6 +154,8 @@ class VARGPTDataModule(LightningDataModule):
         collator = Collator(SpecialTokenIds.from_tokenizer(self.tokenizer).pad, self.cfg.pad_to_multiple_of)
         rank, world_size = self._rank_world()
         cfg = self.cfg
+        if cfg.gen_codes:
+            self._check_codes({**cfg.train_sources, **{f"val/{k}": v for k, v in cfg.val_sources.items()}})
         if stage in (None, "fit") and cfg.train_sources:
             self.train_stream = TrainStream(
                 load_sources(cfg.train_sources, cfg.root),

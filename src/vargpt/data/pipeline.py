@@ -42,8 +42,15 @@ from torch.utils.data import IterableDataset, get_worker_info
 from vargpt.data.chat import tokenize_conversation
 from vargpt.data.collate import Collator, Example
 from vargpt.data.config import GroupBy, SourceConfig, resolve_path
-from vargpt.data.records import IMAGE, IMAGE_UNREADABLE, READ_ERROR, InvalidSampleError
-from vargpt.data.shards import iter_raw_samples, parse_record, shard_list
+from vargpt.data.records import (
+    CODES_MISSING,
+    IMAGE,
+    IMAGE_GEN,
+    IMAGE_UNREADABLE,
+    READ_ERROR,
+    InvalidSampleError,
+)
+from vargpt.data.shards import GEN_CODES, decode_codes, iter_raw_samples, parse_record, shard_list
 from vargpt.data.transforms import decode_image
 from vargpt.model.tokens import SpecialTokenIds
 
@@ -104,7 +111,10 @@ class SkipCounter:
 
 @dataclass
 class SampleProcessor:
-    """Raw shard sample -> :class:`Example`: check, tokenise with the chat template, decode and transform."""
+    """Raw shard sample -> :class:`Example`: check, tokenise with the chat template, decode and transform.
+
+    ``gen_codes``: generation targets come from their precomputed codes (``data.gen_codes``), not their pixels.
+    """
 
     tokenizer: Any
     ids: SpecialTokenIds
@@ -113,9 +123,10 @@ class SampleProcessor:
     cutoff_len: int | None
     und_transform: Any
     gen_transform: Any
+    gen_codes: bool = False
 
     def __call__(self, raw: dict[str, Any], source: str) -> Example:
-        record, images = parse_record(raw)
+        record, images = parse_record(raw, codes_ok=self.gen_codes)
         tok = tokenize_conversation(
             record["messages"],
             self.tokenizer,
@@ -126,7 +137,10 @@ class SampleProcessor:
         )
         example = Example(torch.tensor(tok.input_ids), torch.tensor(tok.labels))
         # Truncation keeps a prefix of the placeholders, so the first len(image_kinds) images are the kept ones.
-        for kind, data in zip(tok.image_kinds, images, strict=False):
+        for kind, name, data in zip(tok.image_kinds, record["images"], images, strict=False):
+            if kind == IMAGE_GEN and self.gen_codes:
+                example.gen_codes.append(self._codes(raw, record.get(GEN_CODES, {}).get(name)))
+                continue
             try:
                 img = decode_image(data)
             except Exception as exc:  # PIL raises many types for corrupt data; all mean "skip this sample"
@@ -143,6 +157,16 @@ class SampleProcessor:
             "truncated": tok.truncated,
         }
         return example
+
+    def _codes(self, raw: dict[str, Any], member: str | None) -> torch.Tensor:
+        """A generation target's precomputed codes (L,) long."""
+        if member is None or member not in raw:
+            raise InvalidSampleError(CODES_MISSING, f"{raw['__key__']}: no precomputed codes (encode_gen_codes.py)")
+        codes_L = torch.from_numpy(decode_codes(raw[member]).astype("int64"))
+        if len(codes_L) != self.num_gen_tokens:
+            # Codes of another VQ-VAE schedule: every sample of the source is wrong, so stop rather than skip.
+            raise ValueError(f"{raw['__key__']}: {len(codes_L)} codes, the model's schedule has {self.num_gen_tokens}")
+        return codes_L
 
 
 def _worker() -> tuple[int, int]:

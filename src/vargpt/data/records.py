@@ -29,6 +29,7 @@ IMAGE_UNREADABLE = "image_unreadable"
 IMAGE_TRUNCATED = "image_truncated"
 TOO_LONG = "too_long"
 READ_ERROR = "read_error"
+CODES_MISSING = "codes_missing"
 
 IMAGE = "image"
 IMAGE_GEN = "image_gen"

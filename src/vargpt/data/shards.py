@@ -5,6 +5,11 @@ A source folder holds ``manifest.json`` and WebDataset tar shards. One sample is
 image name the record lists (``img0.jpg``, ``img1.png``, ...), stored as the original encoded bytes. Shards are
 written to a temporary name and renamed when complete, with fixed tar metadata so that the same input gives
 byte-identical shards (and the same sha256) on every run.
+
+Precomputed VQ codes (data_prep/encode_gen_codes.py): the record's ``gen_codes`` maps a generation image's name
+to the member holding its codes (``img1.png`` -> ``img1.codes.npy``: the per-scale codes concatenated, (L,) int16
+in ``.npy`` format); the image member itself may then be left out. The manifest's ``gen_codes`` block says which
+VQ-VAE (schedule, vocabulary, weights' sha256) the codes are of.
 """
 
 from __future__ import annotations
@@ -19,12 +24,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from vargpt.data.records import IMAGE_MISSING, MALFORMED_ENTRY, InvalidSampleError, check_record, normalize_messages
 
 FORMAT = "vargpt-shards-v1"
 MANIFEST_NAME = "manifest.json"
+# Record field (image name -> codes member) and manifest block of precomputed VQ codes.
+GEN_CODES = "gen_codes"
 _TAR_BLOCK = 512
 
 
@@ -56,13 +64,37 @@ class ShardInfo:
         return asdict(self)
 
 
-def sample_members(record: dict[str, Any], images: list[bytes]) -> dict[str, bytes]:
-    """Tar members of one sample: its JSON record and the bytes of every image it names, in order."""
+def sample_members(
+    record: dict[str, Any], images: list[bytes | None], extra: dict[str, bytes] | None = None
+) -> dict[str, bytes]:
+    """Tar members of one sample: its JSON record, the bytes of every image it names, in order (an image given as
+    None is not stored: its precomputed codes stand in for it), then ``extra`` members (codes)."""
     if len(images) != len(record["images"]):
         raise ValueError(f"record names {len(record['images'])} images, got {len(images)}")
     members = {"json": json.dumps(record, ensure_ascii=False).encode("utf-8")}
-    members.update(zip(record["images"], images, strict=True))
+    members.update((name, data) for name, data in zip(record["images"], images, strict=True) if data is not None)
+    members.update(extra or {})
     return members
+
+
+def codes_member(image_name: str) -> str:
+    """The member that holds an image's precomputed codes: ``img1.png`` -> ``img1.codes.npy``."""
+    return f"{image_name.split('.', 1)[0]}.codes.npy"
+
+
+def encode_codes(codes_L: np.ndarray) -> bytes:
+    """One image's codes (L,) as ``.npy`` bytes, int16 when the vocabulary allows (VAR's 4096 does)."""
+    buf = io.BytesIO()
+    np.save(buf, codes_L.astype(np.int16 if codes_L.max(initial=0) < 2**15 else np.int32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_codes(data: bytes) -> np.ndarray:
+    """``.npy`` bytes -> the codes (L,) as stored (int16 or int32)."""
+    codes = np.load(io.BytesIO(data), allow_pickle=False)
+    if codes.ndim != 1 or codes.dtype.kind != "i":
+        raise ValueError(f"codes must be a 1-D integer array, got {codes.dtype} {codes.shape}")
+    return codes
 
 
 @dataclass
@@ -147,21 +179,27 @@ def iter_raw_samples(
     return wds.tariterators.tarfile_samples(({"url": p} for p in paths), handler=handler)
 
 
-def parse_record(raw: dict[str, Any]) -> tuple[dict[str, Any], list[bytes]]:
-    """The record of a raw sample (messages normalised and checked) and its images' bytes in placeholder order."""
+def parse_record(raw: dict[str, Any], codes_ok: bool = False) -> tuple[dict[str, Any], list[Any]]:
+    """The record of a raw sample (messages normalised and checked) and its images' bytes in placeholder order.
+
+    ``codes_ok``: an image whose member is absent but whose precomputed codes are present is None, not missing.
+    """
     try:
         record = json.loads(raw["json"])
         names = record["images"]
         record["messages"] = normalize_messages(record["messages"])
+        codes = record.get(GEN_CODES, {})
+        if not isinstance(codes, dict):
+            raise TypeError(f"{GEN_CODES} is {type(codes).__name__}, not a mapping")
     except (KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, InvalidSampleError):
             raise
         raise InvalidSampleError(MALFORMED_ENTRY, f"{raw.get('__key__')}: bad record ({exc})") from None
     check_record(record["messages"], len(names))
-    missing = [n for n in names if n not in raw]
+    missing = [n for n in names if n not in raw and not (codes_ok and codes.get(n) in raw)]
     if missing:
         raise InvalidSampleError(IMAGE_MISSING, f"{raw.get('__key__')}: no member {missing}")
-    return record, [raw[n] for n in names]
+    return record, [raw.get(n) for n in names]
 
 
 @dataclass
@@ -188,6 +226,7 @@ def verify_source(source_dir: str | Path, decode_images: bool = True, max_proble
             report.problems.append(text)
 
     manifest = read_manifest(source_dir)
+    num_tokens = manifest.get(GEN_CODES, {}).get("num_tokens")
     listed = {s["name"] for s in manifest["shards"]}
     for extra in sorted(p.name for p in source_dir.glob("*.tar") if p.name not in listed):
         problem(f"{extra}: shard not in the manifest")
@@ -208,12 +247,17 @@ def verify_source(source_dir: str | Path, decode_images: bool = True, max_proble
                     problem(f"{shard['name']}: duplicate key {raw['__key__']}")
                 keys.add(raw["__key__"])
                 try:
-                    _, images = parse_record(raw)
+                    record, images = parse_record(raw, codes_ok=True)
                     for data in images if decode_images else []:
-                        with Image.open(io.BytesIO(data)) as img:
-                            img.load()
+                        if data is not None:
+                            with Image.open(io.BytesIO(data)) as img:
+                                img.load()
+                    for member in record.get(GEN_CODES, {}).values():
+                        codes = decode_codes(raw[member])
+                        if num_tokens is not None and len(codes) != num_tokens:
+                            raise ValueError(f"{member}: {len(codes)} codes, the manifest says {num_tokens}")
                     report.num_images += len(images)
-                except (InvalidSampleError, OSError, SyntaxError, ValueError) as exc:
+                except (InvalidSampleError, KeyError, OSError, SyntaxError, ValueError) as exc:
                     problem(f"{shard['name']}: sample {raw['__key__']}: {exc}")
         except (tarfile.TarError, OSError, ValueError) as exc:
             problem(f"{shard['name']}: unreadable tar ({exc})")

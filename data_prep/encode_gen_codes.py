@@ -1,0 +1,42 @@
+"""Encode the generation targets of a shard source once with the frozen VQ-VAE (precomputed VQ codes).
+
+Writes a new source with the same samples (keys, records, understanding images) plus each ``<image_gen>`` image's
+per-scale codes (``imgN.codes.npy``, L int16), next to its pixels or, with --drop-pixels, instead of them.
+Targets are transformed as in evaluation (resize to 1.125 R, centre crop): training on codes has no random crop.
+Resumable and idempotent like the other converters; the manifest's ``gen_codes`` block names the VQ-VAE.
+
+    python data_prep/encode_gen_codes.py --input data/shards/imagenet_instruct_130k \\
+        --weights /models/VARGPT_LLaVA-v1 --out data/shards/imagenet_instruct_130k_codes --device cuda
+    python data_prep/encode_gen_codes.py --input data/shards/in130k --weights vae_ch160v4096z32.pth \\
+        --model-config conf/model/vargpt_llava_7b.yaml --out data/shards/in130k_codes --drop-pixels
+    python data_prep/verify_shards.py data/shards/imagenet_instruct_130k_codes
+
+Then train on the new folder with ``data.gen_codes=true`` (its path in ``data.train_sources``).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from vargpt.data.convert import add_output_args, options_from_args, run_cli
+from vargpt.data.gen_codes import GenCodesConverter
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", type=Path, required=True, help="source folder (manifest.json + shards)")
+    parser.add_argument("--weights", required=True, help="VARGPT folder/checkpoint (its vae_local) or a VQ-VAE file")
+    parser.add_argument("--model-config", default=None, help="conf/model YAML (default: the weights folder's)")
+    parser.add_argument("--drop-pixels", action="store_true", help="store codes instead of the generation images")
+    parser.add_argument("--batch-size", type=int, default=32, help="generation images per VQ-VAE call")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (with cuda keep --workers 1)")
+    add_output_args(parser)
+    args = parser.parse_args(argv)
+    converter = GenCodesConverter(
+        args.input, args.weights, args.model_config, args.drop_pixels, args.batch_size, args.device
+    )
+    return run_cli(converter, options_from_args(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
