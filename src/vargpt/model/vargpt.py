@@ -12,10 +12,18 @@ Data flow of one training step (VARGPT-REFERENCE.md 2.2, 3, 4, 10):
 A batch may hold understanding and generation samples together: both kinds of features are scattered
 (the release drops the generation ones in that case, reference 9.2). The text loss uses the collator's
 labels (the release trains on prompts in generation batches, reference 9.1).
+
+No host-device syncs: given the batch's ``BatchCounts`` (Python ints counted on its host copy, which
+``VARGPTModule`` adds before the transfer), the training forward and backward read no device value. The slot
+check compares those ints, the labelled and gen-pad positions are gathered with ``nonzero_static`` of a
+known size (not boolean-mask indexing, whose output size the host would have to wait for), and the LLM gets
+its causal + padding mask built here (transformers' own mask builder asks the device whether there is
+padding).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +39,32 @@ from vargpt.model.var import var_from_config
 from vargpt.model.vqvae import vqvae_from_config
 
 IGNORE_INDEX = -100
+# The batch key of a batch's BatchCounts.
+HOST_COUNTS = "host_counts"
+
+
+@dataclass  # not frozen: Lightning's batch transfer rebuilds dataclasses field by field
+class BatchCounts:
+    """Counts of a batch that the forward needs as Python ints: its ``<image>`` and ``<|image_gen_pad|>`` slots
+    and its labelled next-token positions.
+
+    Counted on the host (CPU) copy of a batch they cost nothing; under ``batch[HOST_COUNTS]`` they spare the
+    forward its only device reads. Without them the forward counts on the batch it gets (three host-device
+    syncs if that batch is on a GPU).
+    """
+
+    image_slots: int
+    gen_slots: int
+    text_targets: int
+
+    @classmethod
+    def of(cls, batch: Mapping[str, Any], ids: SpecialTokenIds) -> BatchCounts:
+        ids_BT = batch["input_ids"]
+        return cls(
+            image_slots=int((ids_BT == ids.image).sum()),
+            gen_slots=int((ids_BT == ids.gen_pad).sum()),
+            text_targets=int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
+        )
 
 
 @dataclass
@@ -127,14 +161,25 @@ class VARGPT(nn.Module):
         input_ids_BT: torch.Tensor,
         image_feats_NPH: torch.Tensor | None,
         gen_embeds_NLH: torch.Tensor | None,
+        counts: BatchCounts | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with image features and generation inputs scattered into their slots."""
+        """Token embeddings with image features and generation inputs scattered into their slots.
+
+        The slot counts are checked against ``counts`` (host ints) or, without them, counted on the ids.
+        """
+        image_slots, gen_slots = (None, None) if counts is None else (counts.image_slots, counts.gen_slots)
         embeds_BTH = self.language_model.get_input_embeddings()(input_ids_BT)
-        embeds_BTH = _scatter(embeds_BTH, input_ids_BT == self.ids.image, image_feats_NPH, "<image>")
-        return _scatter(embeds_BTH, input_ids_BT == self.ids.gen_pad, gen_embeds_NLH, "<|image_gen_pad|>")
+        embeds_BTH = _scatter(embeds_BTH, input_ids_BT == self.ids.image, image_feats_NPH, image_slots, "<image>")
+        return _scatter(embeds_BTH, input_ids_BT == self.ids.gen_pad, gen_embeds_NLH, gen_slots, "<|image_gen_pad|>")
 
     def llm_hidden(self, inputs_embeds_BTH: torch.Tensor, attention_mask_BT: torch.Tensor | None) -> torch.Tensor:
         """Last hidden state of the LLM after its final norm (causal attention), (B, T, H)."""
+        if attention_mask_BT is not None:
+            # transformers would build the same boolean mask, after asking the device whether the batch has
+            # padding (a host sync); a 4-D mask is taken as it is.
+            T = attention_mask_BT.shape[1]
+            causal_TT = torch.ones(T, T, dtype=torch.bool, device=attention_mask_BT.device).tril()
+            attention_mask_BT = causal_TT[None, None] & attention_mask_BT[:, None, None, :].bool()
         # No KV cache in the teacher-forced pass: nothing reads it, and under activation checkpointing a
         # recomputed layer would append its keys to it a second time.
         out = self.language_model.model(
@@ -157,8 +202,10 @@ class VARGPT(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, Any]) -> VARGPTOutput:
-        """Teacher-forced losses of a batch (the collator's contract: see vargpt.data.collate)."""
+        """Teacher-forced losses of a batch (the collator's contract: see vargpt.data.collate), with its
+        ``BatchCounts`` under ``HOST_COUNTS`` if the caller has them."""
         input_ids_BT = batch["input_ids"]
+        counts = batch.get(HOST_COUNTS) or BatchCounts.of(batch, self.ids)
         has_und = batch.get("pixel_values") is not None and batch["pixel_values"].shape[0] > 0
         has_gen = batch.get("gen_codes") is not None or (
             batch.get("pixel_gen_values") is not None and batch["pixel_gen_values"].shape[0] > 0
@@ -169,15 +216,15 @@ class VARGPT(nn.Module):
             codes = self.gen_targets(batch)
             x_BLC, cond_BD = self.gen_inputs(codes)
             gen_embeds = self.image_gen_projector(x_BLC)
-        embeds_BTH = self.build_inputs_embeds(input_ids_BT, image_feats, gen_embeds)
+        embeds_BTH = self.build_inputs_embeds(input_ids_BT, image_feats, gen_embeds, counts)
         hidden_BTH = self.llm_hidden(embeds_BTH, batch.get("attention_mask"))
 
         metrics: dict[str, torch.Tensor] = {}
-        loss_text = self.text_loss(hidden_BTH, batch["labels"], metrics)
+        loss_text = self.text_loss(hidden_BTH, batch["labels"], metrics, counts.text_targets)
         loss_image = None
         if has_gen:
-            gen_mask_BT = input_ids_BT == self.ids.gen_pad
-            hidden_NLH = hidden_BTH[gen_mask_BT].view(-1, self.num_gen_tokens, hidden_BTH.shape[-1])
+            b_N, t_N = _positions(input_ids_BT == self.ids.gen_pad, counts.gen_slots)
+            hidden_NLH = hidden_BTH[b_N, t_N].view(-1, self.num_gen_tokens, hidden_BTH.shape[-1])
             logits_NLV = self.decode_image_logits(hidden_NLH, cond_BD)
             loss_image = self.image_loss(logits_NLV, torch.cat(codes, dim=1), metrics)
         loss = self.cfg.text_loss_weight * loss_text
@@ -187,20 +234,25 @@ class VARGPT(nn.Module):
         return VARGPTOutput(loss=loss, loss_text=loss_text, loss_image=loss_image, metrics=metrics)
 
     def text_loss(
-        self, hidden_BTH: torch.Tensor, labels_BT: torch.Tensor, metrics: dict[str, torch.Tensor]
+        self,
+        hidden_BTH: torch.Tensor,
+        labels_BT: torch.Tensor,
+        metrics: dict[str, torch.Tensor],
+        num_targets: int,
     ) -> torch.Tensor:
-        """Shifted next-token CE over the trained positions only.
+        """Shifted next-token CE over the ``num_targets`` labelled positions only.
 
         The LM head runs on the positions that carry a label, not on all T: the logits of a 32k vocabulary
         over a 2k-token sequence are the largest activation of the step, and most positions are ignored.
         """
         targets_BT = labels_BT[:, 1:]
         keep_BT = targets_BT != IGNORE_INDEX
-        n = keep_BT.sum()
-        metrics["num_text_tokens"] = n.detach()
-        logits_NV = self.language_model.lm_head(hidden_BTH[:, :-1][keep_BT]).float()
-        targets_N = targets_BT[keep_BT]
-        if targets_N.numel() == 0:
+        metrics["num_text_tokens"] = keep_BT.sum().detach()
+        # Position t of row b predicts its label at t + 1: the hidden state at (b, t) for the target (b, t).
+        b_N, t_N = _positions(keep_BT, num_targets)
+        logits_NV = self.language_model.lm_head(hidden_BTH[b_N, t_N]).float()
+        targets_N = targets_BT[b_N, t_N]
+        if num_targets == 0:
             # Nothing to learn from text here; keep the graph connected so every rank runs the same backward.
             loss = logits_NV.sum() * 0.0
             metrics["loss_text"] = loss.detach()
@@ -217,7 +269,8 @@ class VARGPT(nn.Module):
         ce_NL = F.cross_entropy(logits_NLV.float().transpose(1, 2), gt_NL, reduction="none")
         hit_NL = (logits_NLV.argmax(-1) == gt_NL).float()
         loss = ce_NL.mean()
-        metrics["num_image_tokens"] = torch.tensor(gt_NL.numel(), device=gt_NL.device)
+        # torch.full, not torch.tensor: a fill kernel, not a blocking copy from the host.
+        metrics["num_image_tokens"] = torch.full((), gt_NL.numel(), device=gt_NL.device)
         metrics["loss_image"] = loss.detach()
         metrics["acc_image"] = hit_NL.mean().detach()
         schedule = self.vargpt_gen.schedule
@@ -244,9 +297,13 @@ class CLIPVisionTower(nn.Module):
         self.vision_model = getattr(model, "vision_model", model)
 
 
-def _scatter(embeds_BTH: torch.Tensor, slots_BT: torch.Tensor, values: torch.Tensor | None, what: str) -> torch.Tensor:
-    """Put ``values`` (N, P, H) into the ``slots`` of ``embeds`` in row-major order; counts must match."""
-    n_slots = int(slots_BT.sum())
+def _scatter(
+    embeds_BTH: torch.Tensor, slots_BT: torch.Tensor, values: torch.Tensor | None, n_slots: int | None, what: str
+) -> torch.Tensor:
+    """Put ``values`` (N, P, H) into the ``slots`` of ``embeds`` in row-major order; the slot count
+    (``n_slots``, or counted here: a sync on a device batch) must match. ``masked_scatter`` reads nothing back."""
+    if n_slots is None:
+        n_slots = int(slots_BT.sum())
     n_values = 0 if values is None else values.shape[0] * values.shape[1]
     if n_slots != n_values:
         raise ValueError(
@@ -256,6 +313,12 @@ def _scatter(embeds_BTH: torch.Tensor, slots_BT: torch.Tensor, values: torch.Ten
     if values is None:
         return embeds_BTH
     return embeds_BTH.masked_scatter(slots_BT[..., None], values.to(embeds_BTH.dtype))
+
+
+def _positions(mask_BT: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) indices of the ``n`` true entries of ``mask_BT`` in row-major order, as ``mask.nonzero()``
+    would give them, without the host-device sync: the output size is known, not read from the device."""
+    return torch.nonzero_static(mask_BT, size=n).unbind(1)
 
 
 def llm_config(cfg: ModelConfig) -> Any:

@@ -4,6 +4,11 @@ The module holds no model-specific math: the model computes its losses; the stag
 trains; optim.py builds the optimizer and schedule; parallel.py shards. What is here: the stage's weighting
 of the two losses, metrics averaged over the micro batches of an optimizer step and over ranks (one
 collective per step), gradient clipping with the norm logged, and frozen sub-modules kept in eval mode.
+
+The step does not wait for the device on one process: the batch's counts are taken on its host copy before
+the transfer (``BatchCounts``, so the model's forward reads nothing back), the step's metrics stay device
+tensors until Lightning's log steps, and the progress bar shows a host copy of the loss refreshed at those
+steps (it turns its values into numbers at every micro batch).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig
 from torch import nn
 
+from vargpt.model.vargpt import HOST_COUNTS, BatchCounts
+from vargpt.training.callbacks import is_log_step
 from vargpt.training.optim import accumulation_steps, build_scheduler, param_groups
 from vargpt.training.parallel import align_branches, apply_activation_checkpointing, build_strategy, shard_fsdp2
 from vargpt.training.stage import apply_stage, set_frozen_eval
@@ -47,8 +54,10 @@ class VARGPTModule(pl.LightningModule):
         self.total_steps = total_steps
         self.report = apply_stage(model, stage.trainable, stage.name)
         self.metric_names = metric_names(len(model.cfg.vqvae.patch_nums))
-        # (sum, count) per metric since the last log, for "train" (one optimizer step) and "val" (one pass).
+        # (sum, count) per metric since the last log, for "train" (one optimizer step) and "val" (one pass), on
+        # the device; the counts also on the host (which metrics this rank saw), so that one process reads nothing.
         self._sums = {split: torch.zeros(2, len(self.metric_names)) for split in ("train", "val")}
+        self._seen = {split: [0] * len(self.metric_names) for split in ("train", "val")}
         self._grad_norm: torch.Tensor | None = None
         self._configured = False
 
@@ -81,11 +90,20 @@ class VARGPTModule(pl.LightningModule):
         return self
 
     # ------------------------------------------------------------------ steps
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Count the batch's slots and labels on its host copy (free there) before it moves to the device."""
+        if isinstance(batch, dict) and "labels" in batch and batch["input_ids"].device.type == "cpu":
+            batch = {**batch, HOST_COUNTS: BatchCounts.of(batch, self.model.ids)}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def _forward(self, batch: dict[str, Any]) -> tuple[Any, torch.Tensor]:
         """Model outputs and the stage's loss; under sharding, every rank runs the same branches."""
         dummy_gen = False
         if isinstance(self.trainer.strategy, ModelParallelStrategy) and self.trainer.world_size > 1:
-            batch, dummy_gen = align_branches(batch, self.model)
+            aligned, dummy_gen = align_branches(batch, self.model)
+            if aligned is not batch:
+                aligned.pop(HOST_COUNTS, None)  # a dummy sample was added: the counts no longer hold
+            batch = aligned
         out = self.model(batch)
         w = self.stage.loss_weights
         loss = w.text * out.loss_text
@@ -103,17 +121,24 @@ class VARGPTModule(pl.LightningModule):
             if name in values:
                 sums[0, i] += values[name].float()
                 sums[1, i] += 1
+                self._seen[split][i] += 1
         self._sums[split] = sums
 
     def _log_means(self, split: str, **log_kwargs: Any) -> dict[str, torch.Tensor]:
         """Log the means over the accumulated batches of all ranks; a metric no rank saw is left out.
 
-        One all-reduce of a fixed-size vector: ranks whose batches held different tasks still agree on it
-        (Lightning's own sync would reduce metric by metric, and hang when the ranks' metric sets differ).
+        One process reads nothing (which metrics it saw is known on the host). Several ranks: one all-reduce
+        of a fixed-size vector, so ranks whose batches held different tasks still agree on it (Lightning's own
+        sync would reduce metric by metric, and hang when the ranks' metric sets differ), and the reduced
+        counts are read back (one sync per optimizer step): a metric only another rank saw is logged too.
         """
-        sums = self.trainer.strategy.reduce(self._sums[split].to(self.device), reduce_op="sum")
-        self._sums[split] = torch.zeros_like(sums)
-        means = {f"{split}/{n}": sums[0, i] / sums[1, i] for i, n in enumerate(self.metric_names) if sums[1, i] > 0}
+        sums = self._sums[split].to(self.device)
+        seen = self._seen[split]
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+            seen = sums[1].tolist()
+        self._sums[split], self._seen[split] = torch.zeros_like(sums), [0] * len(self.metric_names)
+        means = {f"{split}/{n}": sums[0, i] / seen[i] for i, n in enumerate(self.metric_names) if seen[i] > 0}
         self.log_dict(means, rank_zero_only=True, **log_kwargs)
         return means
 
@@ -134,7 +159,8 @@ class VARGPTModule(pl.LightningModule):
         means = self._log_means("train", on_step=True, on_epoch=False)
         if self._grad_norm is not None:
             self.log("train/grad_norm", self._grad_norm, on_step=True, on_epoch=False, rank_zero_only=True)
-        self.log("loss", means["train/loss"], prog_bar=True, logger=False, rank_zero_only=True)
+        if is_log_step(self.trainer):  # a host copy: the progress bar reads its values at every micro batch
+            self.log("loss", means["train/loss"].cpu(), prog_bar=True, logger=False, rank_zero_only=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out, loss = self._forward(batch)
