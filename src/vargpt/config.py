@@ -132,6 +132,25 @@ class FSDPConfig:
     save_distributed_checkpoint: bool = True
 
 
+# torch.compile's modes, named as torch names them (the functional form allows the hyphens).
+CompileMode = Enum(
+    "CompileMode",
+    {m: m for m in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")},
+    module=__name__,
+)
+
+
+@dataclass
+class CompileConfig:
+    """``torch.compile`` of the repeated blocks (``VARGPTModule.configure_model``)."""
+
+    # Compile each LLM decoder layer, VAR block and vision encoder layer (module.compile(), in place: state-dict
+    # keys unchanged), after activation checkpointing and before FSDP2 sharding. One graph per block kind,
+    # reused by all its copies. Off by default: the gain depends on the GPU; measure it (docs/performance.md).
+    enabled: bool = False
+    mode: CompileMode = CompileMode["default"]
+
+
 @dataclass
 class TrainerConfig:
     """The Lightning Trainer, built by ``vargpt.training.lightning_module.build_trainer`` (not passed blindly)."""
@@ -152,6 +171,7 @@ class TrainerConfig:
     find_unused_parameters: bool = True
     # Recompute each LLM layer / VAR block / vision layer in backward instead of storing its activations.
     activation_checkpointing: bool = False
+    compile: CompileConfig = field(default_factory=CompileConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
 
@@ -186,7 +206,8 @@ class CheckpointConfig:
 @dataclass
 class CallbacksConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    # Optimizer steps per throughput window (samples/s, tokens/s, MFU are averaged over it).
+    # Least optimizer steps between two reads of the throughput counters (samples/s, tokens/s, MFU are averaged
+    # over the steps between reads; reads happen at log steps, trainer.log_every_n_steps).
     throughput_window: int = 10
     lr_monitor: bool = True
     # Further callbacks by name: {_target_: ..., kwargs...} (e.g. the evaluation callbacks).

@@ -63,7 +63,9 @@ class VARGPTModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ parallelism
     def configure_model(self) -> None:
-        """Activation checkpointing and FSDP2 sharding, once (Lightning may call this more than once)."""
+        """Activation checkpointing, then ``torch.compile`` of the blocks, then FSDP2 sharding, once (Lightning may
+        call this more than once). The order is torchtitan's: compile sees the checkpointed blocks, and each
+        compiled block becomes an FSDP unit."""
         if self._configured:
             return
         self._configured = True
@@ -72,6 +74,8 @@ class VARGPTModule(pl.LightningModule):
             # checkpointing turns the cache off too); training needs no cache.
             self.model.language_model.config.use_cache = False
             apply_activation_checkpointing(self.model.fsdp_units())
+        if self.trainer_cfg.compile.enabled:
+            compile_blocks(self.model.fsdp_units(), self.trainer_cfg.compile.mode.value)
         if isinstance(self.trainer.strategy, ModelParallelStrategy):
             mp = str(self.trainer_cfg.fsdp.mixed_precision.value)
             on_gpu_bf16 = self.trainer.strategy.root_device.type == "cuda" and "bf16" in str(self.trainer.precision)
@@ -188,6 +192,13 @@ class VARGPTModule(pl.LightningModule):
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         # Under FSDP2 the norm is a DTensor; the logger wants a plain tensor.
         self._grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def compile_blocks(blocks: list[nn.Module], mode: str) -> None:
+    """``torch.compile`` each block in place (regional compilation: the blocks of a kind share one graph, so it
+    compiles in the time of one block, not of the model; ``module.compile()`` keeps parameter names)."""
+    for block in blocks:
+        block.compile(mode=mode)
 
 
 def build_trainer(cfg: DictConfig, max_steps: int, callbacks: list[pl.Callback], logger: Any) -> pl.Trainer:
