@@ -199,8 +199,13 @@ def make_batch(model: Any, args: dict[str, Any], seed: int) -> dict[str, Any]:
     return batch
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+def to_device(batch: dict[str, Any], device: torch.device, ids: Any) -> dict[str, Any]:
+    """The host batch on ``device`` with its counts taken on the host, as ``VARGPTModule`` hands it over (so the
+    model's forward reads nothing back from the device)."""
+    from vargpt.model.vargpt import HOST_COUNTS, BatchCounts
+
+    moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return {**moved, HOST_COUNTS: BatchCounts.of(batch, ids)}
 
 
 def shapes_loader(args: dict[str, Any], model_cfg: Any) -> tuple[Any, Any]:
@@ -346,7 +351,7 @@ class Runner:
         self.fixed = None
         if self.host_iter is None:
             host = make_batch(model, args, int(args["seed"]))
-            self.fixed = (to_device(host, device), BatchShape.from_batch(host))
+            self.fixed = (to_device(host, device, model.ids), BatchShape.from_batch(host))
             sync(device)
         self.times: dict[str, list[float]] = {k: [] for k in ("step", "fwd", "bwd", "opt", "wait")}
         self.flops: list[float] = []
@@ -369,7 +374,7 @@ class Runner:
             with torch.no_grad():
                 codes = self.model.vae_local.img_to_codes(host["pixel_gen_values"].to(self.device))
             host["gen_codes"], host["pixel_gen_values"] = torch.cat(codes, 1).cpu(), None
-        return to_device(host, self.device), BatchShape.from_batch(host), wait
+        return to_device(host, self.device, self.model.ids), BatchShape.from_batch(host), wait
 
     def step(self, batch: dict[str, Any], timer: PhaseTimer | None = None) -> None:
         if timer:
