@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 from test_train_run import base_overrides, compose_train, csv_losses, data_dir  # noqa: F401 (fixture)
+from test_vqvae import tiny_images, tiny_vqvae
 
 from vargpt.backbones.assemble import assemble_parts, verify_backbones, write_final
 from vargpt.backbones.build import PRODUCT_FILE
 from vargpt.backbones.config import RecipeKind
+from vargpt.backbones.recipes import VQVAERecipe
 from vargpt.checkpoint import build_from_folder
 from vargpt.training.checkpointing import read_stage_record
 from vargpt.training.task import train
@@ -58,7 +61,9 @@ def test_every_recipe_runs_and_the_parts_assemble(data_dir, tmp_path):  # noqa: 
         ("world_lm", RecipeKind.text_lm),
         ("world_clip", RecipeKind.judge_clip),
     ):
-        metrics = train(compose_train(recipe_overrides(data_dir, log_dir, stage)))
+        # The VQ-VAE runs one autoencoder warm-up step, then the quantised path with a revival.
+        extra = ["stage.recipe.warmup_ae_steps=1", "stage.recipe.revive_every=1"] if stage == "world_vqvae" else []
+        metrics = train(compose_train(recipe_overrides(data_dir, log_dir, stage) + extra))
         assert "val/loss" in metrics or "val/psnr" in metrics, (stage, metrics)
         record = read_stage_record(log_dir, stage)
         assert load_file(str(Path(record.export_dir) / PRODUCT_FILE[kind]))
@@ -89,3 +94,22 @@ def test_a_short_stage_from_the_backbones_learns(data_dir, tmp_path):  # noqa: F
     first = sum(losses[s] for s in steps[:4]) / 4
     last = sum(losses[s] for s in steps[-4:]) / 4
     assert last < first, (first, last)
+
+
+def test_vqvae_recipe_starts_small_and_inits_the_codebook_from_residuals():
+    """VAR's eini rule at construction; after the autoencoder warm-up every row is a residual row, hits reset."""
+    vq = tiny_vqvae(vocab_size=16)
+    recipe = VQVAERecipe(
+        vq, codebook_init=-1.0, warmup_ae_steps=5, lr=1e-3, weight_decay=0.0, warmup_ratio=0.0, total_steps=10
+    )
+    assert vq.codebook.abs().max() <= 1 / 16
+    vq.train()(tiny_images(4))  # records hits
+    img = tiny_images(4)
+    # The residuals the rows are drawn from are those of the codebook before the init.
+    with torch.no_grad():
+        pool_NC = vq.quantize.residual_samples(
+            vq.img_to_f(img), per_scale=10_000, generator=torch.Generator().manual_seed(0)
+        )
+    recipe._init_codebook(img)
+    assert ((vq.codebook[:, None] - pool_NC[None]).abs().amax(-1).amin(1) < 1e-5).all()
+    assert vq.quantize.ema_vocab_hit_SV.sum() == 0 and vq.quantize.record_hit == 0

@@ -239,3 +239,32 @@ def test_revive_after_real_training_steps():
         f_NC = vq.img_to_f(img).permute(0, 2, 3, 1).reshape(-1, 8)
     assert vq.revive_dead_codes(f_NC) == dead
     assert out.codes[0].shape == (2, 1)
+
+
+def test_eini_follows_vars_rule():
+    vq = tiny_vqvae(vocab_size=64)
+    vq.quantize.eini(-1.0)
+    assert vq.codebook.abs().max() <= 1 / 64
+    vq.quantize.eini(0.02)
+    assert 0.01 < float(vq.codebook.std()) < 0.03
+    before = vq.codebook.detach().clone()
+    vq.quantize.eini(0.0)
+    assert torch.equal(vq.codebook, before)
+
+
+def test_residual_samples_are_the_residuals_each_scale_quantises():
+    vq = tiny_vqvae()
+    q = vq.quantize
+    with torch.no_grad():
+        f = vq.img_to_f(tiny_images(2))
+        rows = q.residual_samples(f, per_scale=5, generator=torch.Generator().manual_seed(0))
+        codes, _ = q.f_to_codes(f)
+        # The last scale quantises f minus every earlier scale's contribution, at full resolution.
+        last_NC = (f - sum(q.lift(k, codes[k]) for k in range(3))).permute(0, 2, 3, 1).reshape(-1, 8)
+    assert rows.shape == (4 * 5, 8)
+
+    def among(rows_nC: torch.Tensor, pool_NC: torch.Tensor) -> bool:
+        return bool(((rows_nC[:, None] - pool_NC[None]).abs().amax(-1).amin(1) < 1e-5).all())
+
+    assert among(rows[:5], f.mean((2, 3)))  # scale 0 (1x1): the area mean of f
+    assert among(rows[-5:], last_NC)

@@ -112,7 +112,13 @@ def build_recipe(
     items: tuple[Any, Any]
     collate: Any = collate_images
     if r.kind == RecipeKind.vqvae:
-        module: RecipeModule = VQVAERecipe(vqvae_from_config(m.vqvae), revive_every=r.revive_every, **opt)
+        module: RecipeModule = VQVAERecipe(
+            vqvae_from_config(m.vqvae),
+            revive_every=r.revive_every,
+            codebook_init=r.codebook_init,
+            warmup_ae_steps=r.warmup_ae_steps,
+            **opt,
+        )
         items = ImageItems(var_transform(size, train=True)), ImageItems(var_transform(size, train=False))
     elif r.kind == RecipeKind.class_var:
         vqvae = vqvae_from_config(m.vqvae)

@@ -41,8 +41,12 @@ class RecipeConfig:
     # Items per micro batch and DataLoader workers.
     micro_batch_size: int = 32
     num_workers: int = 0
-    # vqvae: reset codes unused for this many steps' worth of hits (0 = never).
-    revive_every: int = 50
+    # vqvae: revive dead codes every this many steps (0 = never), from the scales' residuals.
+    revive_every: int = 10
+    # vqvae: VAR's eini rule for the codebook (< 0: uniform +-|x|/V, > 0: trunc normal of std x, 0: N(0, 1)).
+    codebook_init: float = -1.0
+    # vqvae: train as a plain autoencoder for this many steps, then init the codebook from the residuals.
+    warmup_ae_steps: int = 0
     # class_var: the VQ-VAE it learns the codes of (a stage name of this run root, or a file).
     vqvae_from: str = "world_vqvae"
     # text_lm: longest token sequence.

@@ -65,25 +65,66 @@ class RecipeModule(pl.LightningModule):
 
 
 class VQVAERecipe(RecipeModule):
-    """Train a multi-scale VQ-VAE: MSE reconstruction + VAR's VQ loss; revive unused codes every N steps."""
+    """Train a multi-scale VQ-VAE: MSE reconstruction + VAR's VQ loss; revive unused codes every N steps.
 
-    def __init__(self, vqvae: VQVAE, revive_every: int = 50, **opt: Any) -> None:
+    Written here because VAR released no VQ-VAE training code. Three choices keep the codebook alive when
+    training from scratch (with N(0, 1) rows and raw-feature revival the tiny VQ-VAE collapsed to ~9 codes and
+    decoded every image to its background, 14.6 dB):
+
+    * ``warmup_ae_steps``: the first steps train encoder and decoder as a plain autoencoder (the decoder reads
+      the continuous latent), so the features carry the shapes before any code is picked; then the codebook
+      is initialised from the residuals every scale quantises (SoundStream's data-driven codebook init).
+    * ``codebook_init``: VAR's ``eini`` rule for the rows before that (small uniform rows by default).
+    * dead codes are revived every ``revive_every`` steps from the scales' residuals, not from raw features.
+    """
+
+    def __init__(
+        self,
+        vqvae: VQVAE,
+        revive_every: int = 10,
+        codebook_init: float = -1.0,
+        warmup_ae_steps: int = 0,
+        revive_per_scale: int = 256,
+        **opt: Any,
+    ) -> None:
         super().__init__(**opt)
         self.vqvae = vqvae
         self.revive_every = revive_every
+        self.warmup_ae_steps = warmup_ae_steps
+        self.revive_per_scale = revive_per_scale
+        vqvae.quantize.eini(codebook_init)
+
+    @torch.no_grad()
+    def _residual_rows(self, img: torch.Tensor, per_scale: int) -> torch.Tensor:
+        return self.vqvae.quantize.residual_samples(self.vqvae.img_to_f(img), per_scale)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         img = batch["images"]
+        step = self.global_step
+        if self.warmup_ae_steps and step == self.warmup_ae_steps:
+            self._init_codebook(img)
+        if step < self.warmup_ae_steps:
+            recon_img = self.vqvae.decoder(self.vqvae.post_quant_conv(self.vqvae.img_to_f(img)))
+            recon = F.mse_loss(recon_img, img)
+            self._log("train", {"loss": recon, "loss_recon": recon}, len(img))
+            return recon
         out = self.vqvae(img)
         recon = F.mse_loss(out.recon, img)
         loss = recon + out.vq_loss
         self._log("train", {"loss": loss, "loss_recon": recon, "vq_loss": out.vq_loss, "usage": out.usage}, len(img))
-        if self.revive_every and (self.global_step + 1) % self.revive_every == 0:
-            with torch.no_grad():
-                f_BCPP = self.vqvae.img_to_f(img)
-            revived = self.vqvae.revive_dead_codes(f_BCPP.permute(0, 2, 3, 1).reshape(-1, f_BCPP.shape[1]))
+        if self.revive_every and (step + 1) % self.revive_every == 0:
+            revived = self.vqvae.revive_dead_codes(self._residual_rows(img, self.revive_per_scale))
             self.log("train/revived_codes", float(revived), on_step=True)
         return loss
+
+    def _init_codebook(self, img: torch.Tensor) -> None:
+        """Every row from a distinct residual row of this batch (all scales alike); hit counts start over."""
+        q = self.vqvae.quantize
+        rows_NC = self._residual_rows(img, -(-q.vocab_size // q.schedule.num_scales))
+        pick = torch.randperm(len(rows_NC), device=rows_NC.device)[: q.vocab_size]
+        q.embedding.weight.data.copy_(rows_NC[pick])
+        q.ema_vocab_hit_SV.zero_()
+        q.record_hit = 0
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         img = batch["images"]

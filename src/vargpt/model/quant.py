@@ -135,6 +135,19 @@ class MultiScaleQuantizer(nn.Module):
         self.record_hit = 0
         self.embedding = nn.Embedding(vocab_size, Cvae)
 
+    @torch.no_grad()
+    def eini(self, eini: float) -> None:
+        """VAR's codebook init: ``eini > 0`` truncated normal of std ``eini``; ``< 0`` uniform +-|eini|/V; 0 keeps it.
+
+        Training from scratch wants small rows (VAR's ``-1``): encoder features start near zero, and N(0, 1)
+        rows (nn.Embedding's default) leave all but the few smallest codes unreachable.
+        """
+        w = self.embedding.weight
+        if eini > 0:
+            nn.init.trunc_normal_(w, std=eini)
+        elif eini < 0:
+            w.uniform_(-abs(eini) / self.vocab_size, abs(eini) / self.vocab_size)
+
     # ------------------------------------------------------------------ building blocks
     @property
     def max_side(self) -> int:
@@ -175,22 +188,23 @@ class MultiScaleQuantizer(nn.Module):
     def _area(self, x_BCPP: torch.Tensor, p: int) -> torch.Tensor:
         return F.interpolate(x_BCPP, size=(p, p), mode="area")
 
-    def _residual_scales(self, f_BCPP: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Greedy multi-scale residual quantisation: yields (codes_Bl, lift_k) for k = 0..K-1.
+    def _residual_scales(self, f_BCPP: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Greedy multi-scale residual quantisation: yields (z_k, codes_Bl, lift_k) for k = 0..K-1.
 
-        ``lift_k`` carries gradient to the codebook and the phis when grad mode is on; the residual does not.
+        ``z_k`` (B, C, p_k, p_k) is the residual scale k quantises. ``lift_k`` carries gradient to the codebook
+        and the phis when grad mode is on; the residual does not.
         """
         B, C = f_BCPP.shape[:2]
         if tuple(f_BCPP.shape[2:]) != (self.max_side, self.max_side):
             raise ValueError(f"feature map must be {self.max_side}x{self.max_side}, got {tuple(f_BCPP.shape[2:])}")
-        f_rest = f_BCPP.detach().clone()
+        f_rest = f_BCPP.detach()
         last = self.schedule.num_scales - 1
         for k, p in enumerate(self.schedule.patch_nums):
             z_BCpp = f_rest if k == last else self._area(f_rest, p)
             codes_Bl = self.nearest_code(z_BCpp.permute(0, 2, 3, 1).reshape(-1, C)).view(B, p * p)
             h_BCPP = self.lift(k, codes_Bl)
-            f_rest.sub_(h_BCPP.detach())
-            yield codes_Bl, h_BCPP
+            f_rest = f_rest - h_BCPP.detach()  # out of place: z_BCpp of the last scale is f_rest itself
+            yield z_BCpp, codes_Bl, h_BCPP
 
     # ------------------------------------------------------------------ inference paths
     @torch.no_grad()
@@ -199,7 +213,7 @@ class MultiScaleQuantizer(nn.Module):
         with fp32_region(f_BCPP.device):
             codes: list[torch.Tensor] = []
             f_hat = torch.zeros_like(f_BCPP, dtype=torch.float32)
-            for codes_Bl, h_BCPP in self._residual_scales(f_BCPP.float()):
+            for _, codes_Bl, h_BCPP in self._residual_scales(f_BCPP.float()):
                 codes.append(codes_Bl)
                 f_hat = f_hat + h_BCPP
             return codes, f_hat
@@ -270,7 +284,7 @@ class MultiScaleQuantizer(nn.Module):
             vq_loss = f.new_zeros(())
             codes: list[torch.Tensor] = []
             hit_SV = f.new_zeros(self.schedule.num_scales, self.vocab_size)
-            for k, (codes_Bl, h_BCPP) in enumerate(self._residual_scales(f)):
+            for k, (_, codes_Bl, h_BCPP) in enumerate(self._residual_scales(f)):
                 codes.append(codes_Bl)
                 hit_SV[k] = codes_Bl.flatten().bincount(minlength=self.vocab_size).float()
                 f_hat = f_hat + h_BCPP
@@ -296,6 +310,23 @@ class MultiScaleQuantizer(nn.Module):
             decay = 0.9 if self.record_hit < 100 else 0.99
             self.ema_vocab_hit_SV.mul_(decay).add_(hit_SV, alpha=1 - decay)
         self.record_hit += 1
+
+    @torch.no_grad()
+    def residual_samples(
+        self, f_BCPP: torch.Tensor, per_scale: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``per_scale`` random rows of the residual every scale quantises: (K * per_scale, Cvae).
+
+        What dead codes should be revived from: every scale looks codes up against its own residual (large at
+        the coarse scales, small at the fine ones), so raw features ``f`` would revive codes only the first
+        scales can reach.
+        """
+        rows: list[torch.Tensor] = []
+        with fp32_region(f_BCPP.device):
+            for z_BCpp, _, _ in self._residual_scales(f_BCPP.float()):
+                z_NC = z_BCpp.permute(0, 2, 3, 1).reshape(-1, self.Cvae)
+                rows.append(z_NC[torch.randint(len(z_NC), (per_scale,), generator=generator, device=z_NC.device)])
+        return torch.cat(rows)
 
     @torch.no_grad()
     def revive_dead_codes(
