@@ -8,13 +8,14 @@ ARGS      ?=
 LOG_DIR   ?= logs
 BB_LOG    ?= logs/backbones
 BB_OUT    ?= backbones/shapes
+BB_THREADS ?= $(shell n=$$(nproc); echo $$(( n > 2 ? n / 2 : 1 )))
 # The stage-0 recipes run at their own (CPU-sized) budgets: no experiment preset.
 # They start from nothing: the world's own tokenizer, no initial weights.
 BB_TRAIN   = $(BIN)/python src/train.py '~experiment' paths.log_dir=$(BB_LOG) trainer.enable_progress_bar=false \
 	model.tokenizer=null model.init_from=null
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow lint demo train backbones mlflow-ui clean
+.PHONY: help install test test-slow lint demo train backbones bb-gen bb-und mlflow-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -47,12 +48,19 @@ demo: $(STAMP) ## the three VARGPT stages on the embedded default (tiny model, s
 train: $(STAMP) ## one stage: make train STAGE=pretrain ARGS='trainer=gpu'
 	$(BIN)/python src/train.py stage=$(STAGE) paths.log_dir=$(LOG_DIR) $(ARGS)
 
+# The two independent chains of the recipes run side by side, each on half the cores (one thread each on 2 cores:
+# two busy 2-thread processes on 2 cores spin in OpenMP barriers and run several times slower).
+bb-gen: $(STAMP)  # generation parts: the VQ-VAE, then the class-conditional VAR on its codes
+	OMP_NUM_THREADS=$(BB_THREADS) $(BB_TRAIN) stage=world_vqvae $(ARGS)
+	OMP_NUM_THREADS=$(BB_THREADS) $(BB_TRAIN) stage=world_var $(ARGS)
+
+bb-und: $(STAMP)  # understanding parts and the judge: the CLIP vision tower, the LLM, the open_clip judge
+	OMP_NUM_THREADS=$(BB_THREADS) $(BB_TRAIN) stage=world_vision $(ARGS)
+	OMP_NUM_THREADS=$(BB_THREADS) $(BB_TRAIN) stage=world_lm $(ARGS)
+	OMP_NUM_THREADS=$(BB_THREADS) $(BB_TRAIN) stage=world_clip $(ARGS)
+
 backbones: $(STAMP) ## retrain the shapes world's pretrained parts (stage-0 recipes) into backbones/shapes
-	$(BB_TRAIN) stage=world_vqvae $(ARGS)
-	$(BB_TRAIN) stage=world_var $(ARGS)
-	$(BB_TRAIN) stage=world_vision $(ARGS)
-	$(BB_TRAIN) stage=world_lm $(ARGS)
-	$(BB_TRAIN) stage=world_clip $(ARGS)
+	$(MAKE) -j2 bb-gen bb-und ARGS="$(ARGS)"
 	$(BIN)/python -m vargpt.backbones.assemble parts --log-dir $(BB_LOG) --out $(BB_LOG)/parts
 	$(BB_TRAIN) stage=world_llava_align model.init_from=$(BB_LOG)/parts $(ARGS)
 	$(BB_TRAIN) stage=world_llava_sft $(ARGS)

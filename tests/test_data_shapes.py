@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fixtures.data import WORLD_TRAIN, WORLD_VAL, tiny_world
@@ -114,3 +115,14 @@ def test_ensure_builds_a_missing_world_and_says_so(tmp_path, caplog):
         path = ensure_shapes_world(tmp_path / "w", size=32, train=20, val=8, seed=1)
     assert path.is_file() and "building" in caplog.text
     assert (tmp_path / "w" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_ensure_started_together_builds_the_world_once(tmp_path, caplog):
+    """Two callers at once (ranks, recipes side by side): one builds under the lock, the other finds it built."""
+    with caplog.at_level(logging.INFO, logger="vargpt.data.shapes"), ThreadPoolExecutor(2) as pool:
+        paths = list(
+            pool.map(lambda _: ensure_shapes_world(tmp_path / "w", size=32, train=20, val=8, seed=1), range(2))
+        )
+    assert paths[0] == paths[1] and paths[0].is_file()
+    assert caplog.text.count("is missing: building it") == 1
+    assert verify_source(tmp_path / "w" / "train" / "vqa").ok

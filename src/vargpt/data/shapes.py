@@ -471,17 +471,24 @@ def ensure_shapes_world(
 ) -> Path:
     """The world's manifest under ``root``, building the world first (and saying so) when it is missing.
 
-    A world built with other parameters is an error naming both: delete it or choose another root.
+    A world built with other parameters is an error naming both: delete it or choose another root. Processes
+    that start together (ranks, or the backbone recipes run side by side) build it once: the check and the
+    build hold a file lock beside the folder.
     """
-    path = Path(root) / "manifest.json"
+    from filelock import FileLock
+
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    path = root / "manifest.json"
     wanted = _world_params(size, train, val, seed)
-    if path.is_file():
-        world = json.loads(path.read_text())
-        found = {k: world.get(k) for k in wanted}
-        if found != wanted:
-            raise ValueError(
-                f"the shapes world at {root} was built with {found}, not {wanted}: delete it or use another root"
-            )
-        return path
-    log.info("the shapes world is missing: building it at %s (%s); this runs once", root, wanted)
-    return build_shapes_world(root, num_workers=num_workers, **wanted)
+    with FileLock(str(root.parent / f".{root.name}.lock")):
+        if path.is_file():
+            world = json.loads(path.read_text())
+            found = {k: world.get(k) for k in wanted}
+            if found != wanted:
+                raise ValueError(
+                    f"the shapes world at {root} was built with {found}, not {wanted}: delete it or use another root"
+                )
+            return path
+        log.info("the shapes world is missing: building it at %s (%s); this runs once", root, wanted)
+        return build_shapes_world(root, num_workers=num_workers, **wanted)

@@ -19,6 +19,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -77,14 +78,19 @@ def build_logger(cfg: DictConfig, run_dir: Path, tags: dict[str, str], resume_ru
         return CSVLogger(save_dir=str(run_dir), name="csv", version="")
     log_dir = Path(cfg.paths.log_dir).resolve()
     log_dir.mkdir(parents=True, exist_ok=True)
-    return MLFlowLogger(
-        experiment_name=cfg.logger.experiment_name,
-        run_name=cfg.run_name,
-        tracking_uri=cfg.logger.tracking_uri or tracking_uri(log_dir),
-        tags={**tags, **dict(cfg.logger.tags)},
-        artifact_location=(log_dir / "mlartifacts").as_uri(),
-        run_id=resume_run_id,
-    )
+    # Runs started together on one run root (the backbone recipes side by side) would race to create the
+    # SQLite tables (the client does on construction) and the experiment (on first access): both hold a lock.
+    with FileLock(str(log_dir / ".mlflow.lock")):
+        logger = MLFlowLogger(
+            experiment_name=cfg.logger.experiment_name,
+            run_name=cfg.run_name,
+            tracking_uri=cfg.logger.tracking_uri or tracking_uri(log_dir),
+            tags={**tags, **dict(cfg.logger.tags)},
+            artifact_location=(log_dir / "mlartifacts").as_uri(),
+            run_id=resume_run_id,
+        )
+        _ = logger.experiment
+    return logger
 
 
 def run_tags(cfg: DictConfig, repo_dir: Path, parent_run_id: str | None, sweep_dir: str | None) -> dict[str, str]:
