@@ -61,10 +61,16 @@ def test_every_recipe_runs_and_the_parts_assemble(data_dir, tmp_path):  # noqa: 
         ("world_lm", RecipeKind.text_lm),
         ("world_clip", RecipeKind.judge_clip),
     ):
-        # The VQ-VAE runs one autoencoder warm-up step, then the quantised path with a revival.
-        extra = ["stage.recipe.warmup_ae_steps=1", "stage.recipe.revive_every=1"] if stage == "world_vqvae" else []
+        # The VQ-VAE runs one autoencoder warm-up step, then the quantised path with a revival; VAR's samples
+        # are judged.
+        extra = {
+            "world_vqvae": ["stage.recipe.warmup_ae_steps=1", "stage.recipe.revive_every=1"],
+            "world_var": ["stage.recipe.judge_per_class=1"],  # 18 samples judged at each validation
+        }.get(stage, [])
         metrics = train(compose_train(recipe_overrides(data_dir, log_dir, stage) + extra))
         assert "val/loss" in metrics or "val/psnr" in metrics, (stage, metrics)
+        if stage == "world_var":
+            assert 0 <= metrics["val/judge_both"] <= 100, metrics
         record = read_stage_record(log_dir, stage)
         assert load_file(str(Path(record.export_dir) / PRODUCT_FILE[kind]))
     tiny_yaml, tokenizer = REPO / "conf" / "model" / "tiny.yaml", data_dir / "shapes" / "tokenizer"

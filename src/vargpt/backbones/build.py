@@ -123,7 +123,7 @@ def build_recipe(
     elif r.kind == RecipeKind.class_var:
         vqvae = vqvae_from_config(m.vqvae)
         vqvae.load_state_dict(load_file(_resolve_product(r.vqvae_from, RecipeKind.vqvae, log_dir)))
-        module = ClassVARRecipe(var_from_config(m, NUM_SHAPES_CLASSES), vqvae, **opt)
+        module = ClassVARRecipe(var_from_config(m, NUM_SHAPES_CLASSES), vqvae, judge_per_class=r.judge_per_class, **opt)
         items = tuple(
             ImageItems(var_transform(size, train=t), label_fn=shapes_class, require_label=True) for t in (True, False)
         )

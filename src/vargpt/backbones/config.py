@@ -49,6 +49,8 @@ class RecipeConfig:
     warmup_ae_steps: int = 0
     # class_var: the VQ-VAE it learns the codes of (a stage name of this run root, or a file).
     vqvae_from: str = "world_vqvae"
+    # class_var: samples per class the shapes world's judge checks at each validation (0 = none; world only).
+    judge_per_class: int = 0
     # text_lm: longest token sequence.
     max_length: int = 256
     text_tower: TextTowerConfig = field(default_factory=TextTowerConfig)

@@ -135,13 +135,27 @@ class VQVAERecipe(RecipeModule):
 
 
 class ClassVARRecipe(RecipeModule):
-    """VAR's training recipe on a frozen VQ-VAE: teacher forcing over all scales, class dropout, uniform CE."""
+    """VAR's training recipe on a frozen VQ-VAE: teacher forcing over all scales, class dropout, uniform CE.
 
-    def __init__(self, var: VAR, vqvae: VQVAE, **opt: Any) -> None:
+    ``judge_per_class > 0`` (the shapes world's classes only): each validation also samples that many images
+    per class with VAR's sampling defaults and logs what the world's judge says of them (``val/judge_*``):
+    teacher-forced token accuracy says little about the images it generates.
+    """
+
+    def __init__(self, var: VAR, vqvae: VQVAE, judge_per_class: int = 0, **opt: Any) -> None:
         super().__init__(**opt)
         self.var = var
         self.vqvae = vqvae.requires_grad_(False).eval()
+        self.judge_per_class = judge_per_class
         var.bind_vqvae(vqvae)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.judge_per_class <= 0 or self.trainer.sanity_checking:
+            return
+        from vargpt.eval.shapes_eval import var_judge_accuracy
+
+        figures = var_judge_accuracy(self.var, self.vqvae, per_class=self.judge_per_class)
+        self.log_dict({f"val/judge_{k}": v for k, v in figures.items() if k != "n"}, sync_dist=True)
 
     def train(self, mode: bool = True) -> ClassVARRecipe:
         super().train(mode)
