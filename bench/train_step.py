@@ -222,7 +222,9 @@ def shapes_loader(args: dict[str, Any], model_cfg: Any) -> tuple[Any, Any]:
                 data[split][name].update(over)
     n = int(args["shapes_train"])
     data.update(root=str(args["data_root"]), micro_batch_size=int(args["micro_batch_size"]))
-    data.update(num_workers=int(args["data_workers"]), samples_per_epoch=max(n, 1000), group_by=args["group_by"])
+    # The argument parser reads "none" as None.
+    group_by = args["group_by"] or "none"
+    data.update(num_workers=int(args["data_workers"]), samples_per_epoch=max(n, 1000), group_by=group_by)
     world = f"shapes_bench_{n}"  # its own world: the demo's (data/shapes, 20k samples) takes minutes to build
     data["shapes"].update(dir=world, train=n, val=max(20, n // 50))
     for src in data["train_sources"].values():
@@ -542,7 +544,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 "on" if run["activation_checkpointing"] else "off",
                 str(run["compile"]).lower(),
                 "yes" if run["codes"] else "no",
-                str(run["group_by"]) if run["data"] == "shapes" else "-",
+                str(run["group_by"] or "none") if run["data"] == "shapes" else "-",
                 f"{res['step_ms']:.1f}",
                 f"{res['min_step_ms']:.1f}",
                 f"{res['fwd_ms']:.1f}",
