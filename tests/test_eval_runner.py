@@ -94,6 +94,7 @@ def test_every_benchmark_and_shapes_with_mlflow(tmp_path, data_root, cached_mode
         assert name in table, name
     shapes = results["shapes"]
     assert shapes["vqa/n"] == 2 and shapes["t2i/n"] == 2 and shapes["t2i/image_rate"] == 100.0
+    assert 0 < shapes["vqvae/psnr"] < 100
     assert shapes["judge/validation_accuracy"] >= 98.0
     assert len(list((out_dir / "shapes" / "images").glob("*.png"))) == 2
     assert "vqa/accuracy" in table and "t2i/both" in table

@@ -278,7 +278,8 @@ def run_shapes(
     settings: Mapping[str, Any] | None = None,
     progress: Callable[[str], None] = log.info,
 ) -> dict[str, float]:
-    """The shapes world's held-out understanding and generation, resumable; returns ``vqa/...`` and ``t2i/...``."""
+    """The shapes world's held-out understanding and generation, resumable; returns ``vqa/...``, ``t2i/...`` and
+    ``vqvae/psnr`` (recomputed each time: a second or two)."""
     from PIL import Image
 
     from vargpt.eval import shapes_eval as se
@@ -292,10 +293,16 @@ def run_shapes(
         **(settings or {}),
         "benchmark": SHAPES,
         # What changes the predictions (not how many, nor how the judge is validated).
-        "shapes": {k: v for k, v in vars(c).items() if k not in ("vqa", "t2i", "judge_strict", "judge_validation")},
+        "shapes": {
+            k: v for k, v in vars(c).items() if k not in ("vqa", "t2i", "psnr", "judge_strict", "judge_validation")
+        },
     }
     check_run_file(folder, {**run, "sampling": t2i_sampling.to_dict()})
     scores: dict[str, float] = {}
+
+    n_psnr = c.psnr if limit is None else min(c.psnr, limit)
+    if n_psnr:
+        scores["vqvae/psnr"] = se.vqvae_psnr(model.vae_local, se.held_out_images(n_psnr, c.seed, c.size))
 
     vqa_path = folder / "vqa_predictions.jsonl"
     done = {r["id"] for r in read_predictions(vqa_path)}

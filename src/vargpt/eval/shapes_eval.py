@@ -303,6 +303,7 @@ class ShapesEvalConfig:
     size: int = 64  # the world's image size (data.shapes.size): input images are rendered at it
     vqa: int = 200  # held-out questions (0 = skip understanding)
     t2i: int = 100  # held-out instructions (0 = skip generation)
+    psnr: int = 200  # held-out images the VQ-VAE reconstructs (0 = skip)
     batch_size: int = 16
     vqa_max_new_tokens: int = 16
     t2i_max_new_tokens: int = 64  # the reply's text before (and after) its image
@@ -326,10 +327,13 @@ def evaluate_shapes(
     """Understanding and generation figures on the held-out split, in memory (see the module docstring).
 
     Keys: ``vqa/...`` (score_vqa), ``t2i/...`` (score_t2i, plus ``t2i/clip_*`` with a ``clip`` judge from
-    ``vargpt.eval.clip_score.load_open_clip``), and ``vqa/questions_per_s``, ``t2i/images_per_s``.
+    ``vargpt.eval.clip_score.load_open_clip``), ``vqa/questions_per_s``, ``t2i/images_per_s``, and
+    ``vqvae/psnr`` (the model's VQ-VAE on held-out images).
     """
     c = ShapesEvalConfig.coerce(config)
     figures: dict[str, float] = {}
+    if c.psnr > 0:
+        figures["vqvae/psnr"] = vqvae_psnr(model.vae_local, held_out_images(c.psnr, c.seed, c.size))
     if c.vqa > 0:
         start = time.perf_counter()
         records = list(answer_vqa(model, vqa_items(c.vqa, c.seed, c.size), c.batch_size, c.vqa_max_new_tokens))
