@@ -208,3 +208,17 @@ def test_checkpoint_folders_and_files_load(tmp_path, data_root):
         assert torch.equal(loaded.state_dict()["language_model.lm_head.weight"], state["language_model.lm_head.weight"])
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         runner.load_model(compose_eval(tmp_path, [f"ckpt={tmp_path / 'nothing.ckpt'}"]), tmp_path)
+
+
+def test_table_counts_each_shapes_part_on_its_own():
+    scores = {
+        "vqa/n": 200.0,
+        "vqa/accuracy": 58.5,
+        "t2i/n": 100.0,
+        "t2i/both": 2.0,
+        "vqvae/psnr": 25.5,
+        "vqvae/n": 50.0,
+    }
+    rows = {line.split()[1]: line.split()[-1] for line in runner.format_table({"shapes": scores}).splitlines()[2:]}
+    assert rows == {"vqa/accuracy": "200", "t2i/both": "100", "vqvae/psnr": "50"}
+    assert runner.format_table({"mmbench": {"accuracy": 70.0, "n": 10.0}}).splitlines()[2].split()[-1] == "10"

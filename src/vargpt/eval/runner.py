@@ -53,7 +53,7 @@ HEADLINE: dict[str, tuple[str, ...]] = {
     "seedbench": ("image/accuracy", "all/accuracy"),
     "mmmu": ("accuracy",),
     SHAPES: ("vqa/accuracy", "t2i/both", "t2i/colour", "t2i/shape", "t2i/image_rate", "t2i/clip_matched",
-             "t2i/clip_shuffled"),
+             "t2i/clip_shuffled", "vqvae/psnr"),
 }  # fmt: skip
 
 
@@ -303,6 +303,7 @@ def run_shapes(
     n_psnr = c.psnr if limit is None else min(c.psnr, limit)
     if n_psnr:
         scores["vqvae/psnr"] = se.vqvae_psnr(model.vae_local, se.held_out_images(n_psnr, c.seed, c.size))
+        scores["vqvae/n"] = float(n_psnr)
 
     vqa_path = folder / "vqa_predictions.jsonl"
     done = {r["id"] for r in read_predictions(vqa_path)}
@@ -369,9 +370,10 @@ def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
     """The headline figures of each benchmark as an aligned table."""
     rows = [("benchmark", "metric", "value", "n")]
     for benchmark, scores in results.items():
-        n = scores.get("n", scores.get("vqa/n", scores.get("t2i/n", float("nan"))))
         for metric in HEADLINE.get(benchmark, ()):
             if metric in scores:
+                # A shapes metric counts its own part (vqa/n, t2i/n); a benchmark has one n.
+                n = scores.get(f"{metric.split('/')[0]}/n", scores.get("n", float("nan")))
                 rows.append((benchmark, metric, f"{scores[metric]:.2f}", f"{int(n)}" if n == n else ""))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths,
