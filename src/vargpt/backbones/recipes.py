@@ -20,6 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from torch import distributed as tdist
 from torch import nn
 
 from vargpt.model.var import VAR
@@ -118,11 +119,16 @@ class VQVAERecipe(RecipeModule):
         return loss
 
     def _init_codebook(self, img: torch.Tensor) -> None:
-        """Every row from a distinct residual row of this batch (all scales alike); hit counts start over."""
+        """Every row from a random residual row of this batch (all scales alike); hit counts start over.
+
+        Under torch.distributed rank 0's codebook is broadcast: ranks see different batches.
+        """
         q = self.vqvae.quantize
         rows_NC = self._residual_rows(img, -(-q.vocab_size // q.schedule.num_scales))
         pick = torch.randperm(len(rows_NC), device=rows_NC.device)[: q.vocab_size]
         q.embedding.weight.data.copy_(rows_NC[pick])
+        if tdist.is_available() and tdist.is_initialized():
+            tdist.broadcast(q.embedding.weight.data, src=0)
         q.ema_vocab_hit_SV.zero_()
         q.record_hit = 0
 
