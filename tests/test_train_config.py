@@ -81,6 +81,9 @@ def test_shapes_mix_per_stage():
         ("trainer=tpu", ["trainer/tpu", "cpu", "ddp", "fsdp", "gpu"]),
         ("stage.global_batch_size=many", ["stage.global_batch_size", "many"]),
         ("logger.backend=wandb", ["logger.backend", "mlflow, csv, none"]),
+        ("trainer.compile.mode=fast", ["trainer.compile.mode", "default, reduce-overhead, max-autotune"]),
+        ("trainer.compile.enabled=maybe", ["trainer.compile.enabled", "maybe"]),
+        ("trainer.compile.backend=eager", ["trainer.compile.backend", "CompileConfig"]),
     ],
 )
 def test_bad_override_names_key_and_allowed_values(override, expected):

@@ -1,5 +1,5 @@
-"""The ``trainer.compile`` switch: typed config with clear errors, off by default; with it on, training steps of
-the tiny model give the eager losses (slow: torch.compile builds C++ kernels on a CPU, about a minute)."""
+"""The ``trainer.compile`` switch: off by default (bad values: tests/test_train_config.py); with it on, training
+steps of the tiny model give the eager losses (slow: torch.compile builds C++ kernels on a CPU, about a minute)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.errors import ConfigCompositionException
 from test_train_config import compose_cfg
 from test_train_run import base_overrides, csv_losses, data_dir, run  # noqa: F401  (the shapes world fixture)
 
@@ -22,22 +21,6 @@ def test_compile_is_off_by_default_and_takes_torch_modes():
         assert compose_cfg(f"trainer={trainer}").trainer.compile.enabled is False
     cfg = compose_cfg("trainer.compile.enabled=true", "trainer.compile.mode=max-autotune-no-cudagraphs")
     assert cfg.trainer.compile.mode.value == "max-autotune-no-cudagraphs"
-
-
-@pytest.mark.parametrize(
-    ("override", "expected"),
-    [
-        ("trainer.compile.mode=fast", ["trainer.compile.mode", "default, reduce-overhead, max-autotune"]),
-        ("trainer.compile.enabled=maybe", ["trainer.compile.enabled", "maybe"]),
-        ("trainer.compile.backend=eager", ["trainer.compile.backend", "CompileConfig"]),
-    ],
-)
-def test_bad_compile_values_name_the_key(override, expected):
-    with pytest.raises(ConfigCompositionException) as info:
-        compose_cfg(override)
-    message = f"{info.value}\n{info.value.__cause__}"
-    for text in expected:
-        assert text in message, (text, message)
 
 
 def test_compile_blocks_keeps_names():
