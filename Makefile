@@ -54,16 +54,16 @@ bb-gen: $(STAMP)  # generation parts: the VQ-VAE, then the class-conditional VAR
 	OMP_NUM_THREADS=$(BB_THREADS) $(BB_TRAIN) stage=world_vqvae $(ARGS)
 	OMP_NUM_THREADS=$(BB_THREADS) $(BB_TRAIN) stage=world_var $(ARGS)
 
-bb-und: $(STAMP)  # understanding parts and the judge: the CLIP vision tower, the LLM, the open_clip judge
+bb-und: $(STAMP)  # understanding parts and the judge: CLIP vision tower, LLM, open_clip judge, then LLaVA's two stages
 	OMP_NUM_THREADS=$(BB_THREADS) $(BB_TRAIN) stage=world_vision $(ARGS)
 	OMP_NUM_THREADS=$(BB_THREADS) $(BB_TRAIN) stage=world_lm $(ARGS)
 	OMP_NUM_THREADS=$(BB_THREADS) $(BB_TRAIN) stage=world_clip $(ARGS)
+	$(BIN)/python -m vargpt.backbones.assemble parts --log-dir $(BB_LOG) --out $(BB_LOG)/parts
+	OMP_NUM_THREADS=$(BB_THREADS) $(BB_TRAIN) stage=world_llava_align model.init_from=$(BB_LOG)/parts $(ARGS)
+	OMP_NUM_THREADS=$(BB_THREADS) $(BB_TRAIN) stage=world_llava_sft $(ARGS)
 
 backbones: $(STAMP) ## retrain the shapes world's pretrained parts (stage-0 recipes) into backbones/shapes
 	$(MAKE) -j2 bb-gen bb-und ARGS="$(ARGS)"
-	$(BIN)/python -m vargpt.backbones.assemble parts --log-dir $(BB_LOG) --out $(BB_LOG)/parts
-	$(BB_TRAIN) stage=world_llava_align model.init_from=$(BB_LOG)/parts $(ARGS)
-	$(BB_TRAIN) stage=world_llava_sft $(ARGS)
 	$(BIN)/python -m vargpt.backbones.assemble final --log-dir $(BB_LOG) --out $(BB_OUT) \
 		--command "make backbones ARGS='$(ARGS)'"
 

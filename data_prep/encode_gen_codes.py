@@ -2,7 +2,8 @@
 
 Writes a new source with the same samples (keys, records, understanding images) plus each ``<image_gen>`` image's
 per-scale codes (``imgN.codes.npy``, L int16), next to its pixels or, with --drop-pixels, instead of them.
-Targets are transformed as in evaluation (resize to 1.125 R, centre crop): training on codes has no random crop.
+Targets are transformed as in evaluation (resize to --resize-ratio x R, VAR's 1.125 by default, then a centre
+crop; pass the data.gen_resize_ratio you train with): training on codes has no random crop.
 Resumable and idempotent like the other converters; the manifest's ``gen_codes`` block names the VQ-VAE.
 
     python data_prep/encode_gen_codes.py --input data/shards/imagenet_instruct_130k \\
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from vargpt.data.convert import add_output_args, options_from_args, run_cli
 from vargpt.data.gen_codes import GenCodesConverter
+from vargpt.data.transforms import VAR_RESIZE_RATIO
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,10 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drop-pixels", action="store_true", help="store codes instead of the generation images")
     parser.add_argument("--batch-size", type=int, default=32, help="generation images per VQ-VAE call")
     parser.add_argument("--device", default="cpu", help="cpu | cuda (with cuda keep --workers 1)")
+    parser.add_argument("--resize-ratio", type=float, default=VAR_RESIZE_RATIO, help="= data.gen_resize_ratio")
     add_output_args(parser)
     args = parser.parse_args(argv)
     converter = GenCodesConverter(
-        args.input, args.weights, args.model_config, args.drop_pixels, args.batch_size, args.device
+        args.input, args.weights, args.model_config, args.drop_pixels, args.batch_size, args.device, args.resize_ratio
     )
     return run_cli(converter, options_from_args(args))
 

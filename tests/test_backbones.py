@@ -13,7 +13,7 @@ from test_vqvae import tiny_images, tiny_vqvae
 from vargpt.backbones.assemble import assemble_parts, verify_backbones, write_final
 from vargpt.backbones.build import PRODUCT_FILE
 from vargpt.backbones.config import RecipeKind
-from vargpt.backbones.recipes import VQVAERecipe
+from vargpt.backbones.recipes import VQVAERecipe, foreground_weights, weighted_mse
 from vargpt.checkpoint import build_from_folder
 from vargpt.training.checkpointing import read_stage_record
 from vargpt.training.task import train
@@ -119,3 +119,18 @@ def test_vqvae_recipe_starts_small_and_inits_the_codebook_from_residuals():
     recipe._init_codebook(img)
     assert ((vq.codebook[:, None] - pool_NC[None]).abs().amax(-1).amin(1) < 1e-5).all()
     assert vq.quantize.ema_vocab_hit_SV.sum() == 0 and vq.quantize.record_hit == 0
+
+
+def test_foreground_weights_single_out_objects_and_their_edges():
+    """Pixels unlike the border's colour (and a one-pixel rim) weigh 1 + w; the loss is a weighted MSE."""
+    img = torch.full((2, 3, 16, 16), -0.8)
+    img[0, :, 6:9, 6:9] = torch.tensor([0.9, -0.7, -0.7])[:, None, None]  # a 3x3 red object on dark
+    weight = foreground_weights(img, 9.0)
+    assert weight.shape == (2, 1, 16, 16)
+    assert (weight[0, 0, 5:10, 5:10] == 10).all() and weight[0].sum() == 16 * 16 + 9 * 25
+    assert (weight[1] == 1).all()  # a plain image: every pixel background
+    recon = img.clone()
+    recon[0, 0, 7, 7] = 0.0  # one object pixel off by 0.9 in one channel
+    expected = 10 * 0.9**2 / (weight.sum() * 3)
+    torch.testing.assert_close(weighted_mse(recon, img, weight), expected)
+    torch.testing.assert_close(weighted_mse(recon, img, None), torch.nn.functional.mse_loss(recon, img))

@@ -131,3 +131,8 @@ def test_training_stream_serves_codes_and_skips_samples_without_them(codes_dir):
     cfg = DataConfig(root=str(root), train_sources={"t2i": SourceConfig("t2i")}, gen_codes=True, num_workers=0)
     with pytest.raises(ValueError, match="re-encode"):
         VARGPTDataModule.from_config(cfg, other, world_tokenizer()).setup("fit")
+    # So are codes of targets resized otherwise than data.gen_resize_ratio says (these were made at VAR's 1.125).
+    assert read_manifest(root / "t2i")[GEN_CODES]["resize_ratio"] == 1.125
+    cfg.gen_resize_ratio = 1.0
+    with pytest.raises(ValueError, match="resize_ratio"):
+        VARGPTDataModule.from_config(cfg, TINY, world_tokenizer()).setup("fit")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
+import pytest
 import torch
 from fixtures.data import image_bytes
 from PIL import Image
@@ -29,6 +31,16 @@ def test_var_transform_range_crop_and_determinism_in_eval():
     assert torch.equal(evaluation(img), evaluation(img))
     white = var_transform(16, train=False)(Image.new("RGB", (40, 40), (255, 255, 255)))
     assert torch.allclose(white, torch.ones_like(white), atol=1e-6)  # 255 -> +1
+
+
+def test_var_transform_at_ratio_one_keeps_an_image_of_the_models_size_as_it_is():
+    img = decode_image(image_bytes("PNG", size=(64, 64)))
+    expected = torch.from_numpy(np.asarray(img, np.float32)).permute(2, 0, 1) / 127.5 - 1
+    for train in (True, False):  # the random crop of a 64 px side from 64 px has one place to go
+        torch.testing.assert_close(var_transform(64, train=train, resize_ratio=1.0)(img), expected)
+    assert not torch.allclose(var_transform(64, train=False)(img), expected)  # VAR's 1.125 resamples and crops
+    with pytest.raises(ValueError, match="resize_ratio"):
+        var_transform(64, resize_ratio=0.9)
 
 
 def test_large_generation_sources_are_first_shrunk_with_nearest():

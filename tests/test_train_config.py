@@ -103,6 +103,9 @@ def test_validation_catches_cross_field_mistakes():
     cfg = compose_cfg("stage=sft_mixed", "stage.previous_stage=stage1")
     with pytest.raises(ValueError, match="stage.previous_stage='stage1'"):
         validate(cfg)
+    cfg = compose_cfg("stage=sft_gen", "data.gen_resize_ratio=0.5")
+    with pytest.raises(ValueError, match="data.gen_resize_ratio"):
+        validate(cfg)
     cfg = compose_cfg("+stage.learning_rate=1e-4")  # '+' gets past Hydra's check, not ours
     with pytest.raises(ValueError, match=r"\['stage.learning_rate'\]"):
         validate(cfg)

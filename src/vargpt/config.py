@@ -277,6 +277,8 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(
             f"callbacks.checkpoint.export={cfg.callbacks.checkpoint.export!r}: expected one of {EXPORT_DTYPES}"
         )
+    if cfg.data.gen_resize_ratio < 1.0:
+        raise ValueError(f"data.gen_resize_ratio must be >= 1.0 (VAR: 1.125), got {cfg.data.gen_resize_ratio}")
     if not str(cfg.resume).strip():
         raise ValueError("resume: expected auto | true | false | a checkpoint path")
 

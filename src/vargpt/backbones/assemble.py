@@ -3,11 +3,14 @@
     python -m vargpt.backbones.assemble parts --log-dir logs/backbones --out logs/backbones/parts
     python -m vargpt.backbones.assemble final --log-dir logs/backbones --out backbones/shapes
 
-``parts`` loads the VQ-VAE, the class-conditional VAR (class embedding re-initialised), the CLIP vision tower
-and the language model of a run root into one tiny VARGPT and exports it in the released layout (the starting
-point of ``stage=world_llava_align``, as LLaVA-1.5 + VAR-d30 + the VQ-VAE are the release's). ``final`` copies
-the exported model of ``world_llava_sft`` and the CLIP-score judge into the backbones folder and writes its
-manifest: sha256 of every file, the commands, and the metrics each stage reached.
+``parts`` loads the CLIP vision tower and the language model of a run root into one tiny VARGPT and exports
+it in the released layout: the starting point of ``stage=world_llava_align`` (LLaVA-1.5's recipe, which needs
+no generation part). ``final`` adds the generation parts to the exported model of ``world_llava_sft``: the
+VQ-VAE and the class-conditional VAR (class embedding re-initialised), as the release's prepare step puts
+LLaVA-1.5, VAR-d30 and the VQ-VAE together; it writes that VARGPT (bf16, as released) and the CLIP-score judge
+into the backbones folder with a manifest: sha256 of every file, the commands, and the metrics each stage
+reached. The two chains (generation: VQ-VAE -> VAR; understanding: vision, LM, judge -> LLaVA) so never wait
+for each other (``make backbones`` runs them side by side).
 """
 
 from __future__ import annotations
@@ -25,31 +28,31 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vargpt.backbones.build import assemble_vargpt
-from vargpt.checkpoint import export_released
+from vargpt.checkpoint import build_from_folder, export_released
 from vargpt.data.tokenizer import load_tokenizer
 from vargpt.model import build_vargpt, load_model_config
 from vargpt.training.checkpointing import read_stage_record
 
 REPO = Path(__file__).resolve().parents[3]
-PARTS = {
-    "vae_local": "world_vqvae",
-    "vargpt_gen": "world_var",
-    "vision_tower": "world_vision",
-    "language_model": "world_lm",
-}
+# VARGPT sub-module <- the recipe stage that trains it, per chain.
+UNDERSTANDING_PARTS = {"vision_tower": "world_vision", "language_model": "world_lm"}
+GENERATION_PARTS = {"vae_local": "world_vqvae", "vargpt_gen": "world_var"}
 RECIPE_STAGES = ("world_vqvae", "world_var", "world_vision", "world_lm", "world_clip")
 ALL_STAGES = (*RECIPE_STAGES, "world_llava_align", "world_llava_sft")
 MANIFEST = "manifest.json"
 
 
+def _load_parts(model: torch.nn.Module, log_dir: Path, parts: dict[str, str]) -> None:
+    for name, path in assemble_vargpt(model, log_dir, parts).items():
+        print(f"{name:16s} <- {path}")
+
+
 def assemble_parts(log_dir: Path, out: Path, model_yaml: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """Export a tiny VARGPT built from the recipe stages' products (projectors and class embedding fresh)."""
+    """Export a tiny VARGPT with the understanding chain's products (the rest fresh) for the LLaVA stages."""
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(tokenizer_dir)
     model = build_vargpt(load_model_config(model_yaml), tokenizer)
-    loaded = assemble_vargpt(model, log_dir, PARTS)
-    for name, path in loaded.items():
-        print(f"{name:16s} <- {path}")
+    _load_parts(model, log_dir, UNDERSTANDING_PARTS)
     return export_released(model, out, dtype="fp32", tokenizer=tokenizer)
 
 
@@ -72,11 +75,12 @@ def _stage_metrics(log_dir: Path, stage: str) -> dict[str, float]:
 
 
 def write_final(log_dir: Path, out: Path, commands: list[str]) -> Path:
-    """The backbones folder: the LLaVA-tuned VARGPT export, the judge (bf16), the tokenizer, a manifest."""
-    sft = read_stage_record(log_dir, "world_llava_sft")
+    """The backbones folder: the LLaVA-tuned VARGPT with the generation parts, the judge, a manifest (all bf16)."""
+    model, _ = build_from_folder(read_stage_record(log_dir, "world_llava_sft").export_dir)
+    _load_parts(model, log_dir, GENERATION_PARTS)
     if out.exists():
         shutil.rmtree(out)
-    shutil.copytree(sft.export_dir, out)
+    export_released(model, out, dtype="bf16")
     judge = read_stage_record(log_dir, "world_clip")
     judge_dir = Path(judge.export_dir)
     # The judge only scores images: bf16 halves its share of the size budget at no cost to the metric.

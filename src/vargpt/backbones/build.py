@@ -107,6 +107,9 @@ def build_recipe(
         betas=tuple(cfg.stage.optimizer.betas),
     )
     size = m.vqvae.image_size
+    # Generation targets as the VARGPT stages see them (data.gen_random_crop, data.gen_resize_ratio).
+    crop, ratio = cfg.data.gen_random_crop, cfg.data.gen_resize_ratio
+    var_tf = {t: var_transform(size, train=t and crop, resize_ratio=ratio) for t in (True, False)}
     vis = m.vision
     clip_tf = clip_transform(vis.image_size, tuple(vis.image_mean), tuple(vis.image_std))
     items: tuple[Any, Any]
@@ -117,16 +120,15 @@ def build_recipe(
             revive_every=r.revive_every,
             codebook_init=r.codebook_init,
             warmup_ae_steps=r.warmup_ae_steps,
+            fg_weight=r.fg_weight,
             **opt,
         )
-        items = ImageItems(var_transform(size, train=True)), ImageItems(var_transform(size, train=False))
+        items = ImageItems(var_tf[True]), ImageItems(var_tf[False])
     elif r.kind == RecipeKind.class_var:
         vqvae = vqvae_from_config(m.vqvae)
         vqvae.load_state_dict(load_file(_resolve_product(r.vqvae_from, RecipeKind.vqvae, log_dir)))
         module = ClassVARRecipe(var_from_config(m, NUM_SHAPES_CLASSES), vqvae, judge_per_class=r.judge_per_class, **opt)
-        items = tuple(
-            ImageItems(var_transform(size, train=t), label_fn=shapes_class, require_label=True) for t in (True, False)
-        )
+        items = tuple(ImageItems(var_tf[t], label_fn=shapes_class, require_label=True) for t in (True, False))
     elif r.kind == RecipeKind.vision_clip:
         tower = HFCLIPTower(_hf_clip(m, r, tokenizer), tokenizer, r.text_tower.max_length)
         module = ContrastiveRecipe(tower, **opt)

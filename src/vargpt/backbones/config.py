@@ -47,6 +47,8 @@ class RecipeConfig:
     codebook_init: float = -1.0
     # vqvae: train as a plain autoencoder for this many steps, then init the codebook from the residuals.
     warmup_ae_steps: int = 0
+    # vqvae: extra reconstruction-loss weight on pixels unlike the image's border (objects on a plain background).
+    fg_weight: float = 0.0
     # class_var: the VQ-VAE it learns the codes of (a stage name of this run root, or a file).
     vqvae_from: str = "world_vqvae"
     # class_var: samples per class the shapes world's judge checks at each validation (0 = none; world only).

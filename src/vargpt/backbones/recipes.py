@@ -34,6 +34,27 @@ def psnr_pm1(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
 
 
+def foreground_weights(img_B3HW: torch.Tensor, weight: float, threshold: float = 0.1) -> torch.Tensor:
+    """Per-pixel loss weights (B, 1, H, W): 1, plus ``weight`` on pixels that differ from the image's background.
+
+    The background is the per-channel median of the 2-pixel border ring (as the shapes judge estimates it); a
+    pixel is foreground when its RGB distance from it exceeds ``threshold`` (images in [-1, 1]), grown by one
+    pixel so anti-aliased edges count. Written here (no library does it): on objects over a plain background the
+    objects are a few per cent of the pixels, and plain MSE learns the background long before their colours.
+    """
+    ring = [img_B3HW[..., :2, :], img_B3HW[..., -2:, :], img_B3HW[..., :, :2], img_B3HW[..., :, -2:]]
+    bg_B3 = torch.cat([r.flatten(2) for r in ring], 2).median(2).values
+    fg_B1HW = ((img_B3HW - bg_B3[..., None, None]).norm(dim=1, keepdim=True) > threshold).float()
+    return 1.0 + weight * F.max_pool2d(fg_B1HW, 3, stride=1, padding=1)
+
+
+def weighted_mse(recon: torch.Tensor, target: torch.Tensor, weight_B1HW: torch.Tensor | None) -> torch.Tensor:
+    """MSE over pixels and channels, each pixel counted ``weight`` times (plain MSE without weights)."""
+    if weight_B1HW is None:
+        return F.mse_loss(recon.float(), target)
+    return ((recon.float() - target).pow(2) * weight_B1HW).sum() / (weight_B1HW.sum() * target.shape[1])
+
+
 class RecipeModule(pl.LightningModule):
     """AdamW with the project's groups and schedule, and per-epoch reseeding of the image stream."""
 
@@ -77,6 +98,10 @@ class VQVAERecipe(RecipeModule):
       is initialised from the residuals every scale quantises (SoundStream's data-driven codebook init).
     * ``codebook_init``: VAR's ``eini`` rule for the rows before that (small uniform rows by default).
     * dead codes are revived every ``revive_every`` steps from the scales' residuals, not from raw features.
+
+    ``fg_weight > 0`` weights the reconstruction loss towards foreground pixels (:func:`foreground_weights`), a
+    deviation from VAR's VQ-VAE loss for images of small objects on plain backgrounds (the shapes world): at the
+    same budget it gave higher PSNR and objects of the right colour (numbers in docs/backbones.md).
     """
 
     def __init__(
@@ -86,10 +111,12 @@ class VQVAERecipe(RecipeModule):
         codebook_init: float = -1.0,
         warmup_ae_steps: int = 0,
         revive_per_scale: int = 256,
+        fg_weight: float = 0.0,
         **opt: Any,
     ) -> None:
         super().__init__(**opt)
         self.vqvae = vqvae
+        self.fg_weight = fg_weight
         self.revive_every = revive_every
         self.warmup_ae_steps = warmup_ae_steps
         self.revive_per_scale = revive_per_scale
@@ -104,13 +131,14 @@ class VQVAERecipe(RecipeModule):
         step = self.global_step
         if self.warmup_ae_steps and step == self.warmup_ae_steps:
             self._init_codebook(img)
+        weight = foreground_weights(img, self.fg_weight) if self.fg_weight > 0 else None
         if step < self.warmup_ae_steps:
             recon_img = self.vqvae.decoder(self.vqvae.post_quant_conv(self.vqvae.img_to_f(img)))
-            recon = F.mse_loss(recon_img, img)
+            recon = weighted_mse(recon_img, img, weight)
             self._log("train", {"loss": recon, "loss_recon": recon}, len(img))
             return recon
         out = self.vqvae(img)
-        recon = F.mse_loss(out.recon, img)
+        recon = weighted_mse(out.recon, img, weight)
         loss = recon + out.vq_loss
         self._log("train", {"loss": loss, "loss_recon": recon, "vq_loss": out.vq_loss, "usage": out.usage}, len(img))
         if self.revive_every and (step + 1) % self.revive_every == 0:

@@ -98,6 +98,10 @@ class DataConfig:
     group_batches: int = 16
     # VAR's random crop of generation targets in training (false = centre crop).
     gen_random_crop: bool = True
+    # Generation targets' shortest side is resized to gen_resize_ratio x R before the crop: VAR's 1.125 for
+    # photographs; 1.0 for images made at the model's size (the shapes world), which a resize would only ring
+    # and a crop could cut.
+    gen_resize_ratio: float = 1.125
     # Serve generation targets as precomputed VQ codes (``gen_codes``, written by data_prep/encode_gen_codes.py)
     # instead of decoding and transforming their pixels; a generation sample without codes is skipped and counted
     # (codes_missing). Codes are of the centre crop: no random-crop augmentation.

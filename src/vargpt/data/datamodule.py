@@ -31,7 +31,7 @@ from vargpt.data.pipeline import EvalStream, SampleProcessor, TrainStream, load_
 from vargpt.data.shapes import ensure_shapes_world
 from vargpt.data.shards import GEN_CODES, read_manifest
 from vargpt.data.tokenizer import load_tokenizer
-from vargpt.data.transforms import clip_transform, var_transform
+from vargpt.data.transforms import VAR_RESIZE_RATIO, clip_transform, var_transform
 from vargpt.model.config import ModelConfig
 from vargpt.model.tokens import SpecialTokenIds
 
@@ -123,7 +123,9 @@ class VARGPTDataModule(LightningDataModule):
             num_gen_tokens=vqvae.schedule.num_tokens,
             cutoff_len=self.cfg.cutoff_len,
             und_transform=clip_transform(vision.image_size, tuple(vision.image_mean), tuple(vision.image_std)),
-            gen_transform=var_transform(vqvae.image_size, train=train and self.cfg.gen_random_crop),
+            gen_transform=var_transform(
+                vqvae.image_size, train=train and self.cfg.gen_random_crop, resize_ratio=self.cfg.gen_resize_ratio
+            ),
             gen_codes=self.cfg.gen_codes,
         )
 
@@ -131,7 +133,12 @@ class VARGPTDataModule(LightningDataModule):
         """With ``data.gen_codes``: the sources' codes must be of the model's VQ-VAE schedule and vocabulary; a
         source without codes is named (its generation samples, if any, will be skipped as codes_missing)."""
         vq = self.model_cfg.vqvae
-        expected = {"patch_nums": list(vq.patch_nums), "vocab_size": vq.vocab_size, "image_size": vq.image_size}
+        expected = {
+            "patch_nums": list(vq.patch_nums),
+            "vocab_size": vq.vocab_size,
+            "image_size": vq.image_size,
+            "resize_ratio": self.cfg.gen_resize_ratio,
+        }
         for name, source in sources.items():
             if source.weight == 0:
                 continue
@@ -140,10 +147,12 @@ class VARGPTDataModule(LightningDataModule):
                 log.warning("data.gen_codes: source %s has no codes; its generation samples will be skipped", name)
                 continue
             found = {key: block.get(key) for key in expected}
+            # Codes written before the ratio was recorded were made with VAR's.
+            found["resize_ratio"] = block.get("resize_ratio", VAR_RESIZE_RATIO)
             if found != expected:
                 raise ValueError(
                     f"source {name}: its codes are of a VQ-VAE with {found}, the model's has {expected}; "
-                    "re-encode it with data_prep/encode_gen_codes.py"
+                    "re-encode it with data_prep/encode_gen_codes.py (--resize-ratio = data.gen_resize_ratio)"
                 )
 
     def setup(self, stage: str | None = None) -> None:

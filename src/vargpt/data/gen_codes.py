@@ -4,10 +4,11 @@ The frozen VQ-VAE turns each ``<image_gen>`` target into the same codes in every
 encoding them once moves the encoder out of the training step and image decoding out of the loader
 (``data.gen_codes=true`` then serves ``gen_codes``). :class:`GenCodesConverter` runs on the conversion driver of
 :mod:`vargpt.data.convert` (parallel parts, resume, idempotence, manifest): a part is one input shard, read in
-order; its generation images are decoded, transformed as evaluation does (VAR's resize to 1.125 R and centre
-crop, ``var_transform(train=False)``) and encoded in batches; keys, records and the other images are kept as
-they are. The manifest's ``gen_codes`` block names the VQ-VAE the codes belong to (schedule, vocabulary, image
-size, sha256 of its weights), which the data module checks against the model's config.
+order; its generation images are decoded, transformed as evaluation does (resize to ``resize_ratio`` R, VAR's
+1.125 by default, and centre crop: ``var_transform(train=False)``) and encoded in batches; keys, records and the
+other images are kept as they are. The manifest's ``gen_codes`` block names the VQ-VAE the codes belong to
+(schedule, vocabulary, image size, sha256 of its weights) and the resize ratio, which the data module checks
+against the model's config and ``data.gen_resize_ratio``.
 
     python data_prep/encode_gen_codes.py --input data/shards/imagenet_instruct_130k \\
         --weights /models/VARGPT_LLaVA-v1 --out data/shards/imagenet_instruct_130k_codes --device cuda
@@ -36,6 +37,7 @@ from vargpt.data.shards import (
     read_manifest,
     shard_list,
 )
+from vargpt.data.transforms import VAR_RESIZE_RATIO
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,8 @@ class GenCodesConverter(Converter):
     # Generation images encoded per VQ-VAE call.
     batch_size: int = 32
     device: str = "cpu"
+    # Targets' shortest side is resized to resize_ratio x R before the centre crop (data.gen_resize_ratio).
+    resize_ratio: float = VAR_RESIZE_RATIO
 
     def __post_init__(self) -> None:
         self.source = read_manifest(self.input_dir)["source"]
@@ -98,7 +102,12 @@ class GenCodesConverter(Converter):
     def codes_info(self) -> dict[str, Any]:
         """The manifest's ``gen_codes`` block."""
         pixels = "dropped" if self.drop_pixels else "kept"
-        return {**vqvae_identity(self.weights, self.model_config), "transform": "var_eval", "pixels": pixels}
+        return {
+            **vqvae_identity(self.weights, self.model_config),
+            "transform": "var_eval",
+            "resize_ratio": self.resize_ratio,
+            "pixels": pixels,
+        }
 
     def fingerprint(self) -> dict[str, Any]:
         shards = [(s["name"], s["sha256"]) for s in read_manifest(self.input_dir)["shards"]]
@@ -132,7 +141,7 @@ class GenCodesConverter(Converter):
         from vargpt.data.transforms import decode_image, var_transform
 
         vqvae = load_vqvae(self.weights, self.model_config, self.device)
-        transform = var_transform(vqvae.image_size, train=False)
+        transform = var_transform(vqvae.image_size, train=False, resize_ratio=self.resize_ratio)
 
         def pixels_of(raw: dict[str, Any], name: str) -> torch.Tensor:
             try:

@@ -46,17 +46,24 @@ def clip_transform(image_size: int, mean: tuple[float, float, float], std: tuple
     )
 
 
-def var_transform(image_size: int, train: bool = True) -> T.Compose:
+# VAR's and VARGPT's resize before the crop: shortest side to 1.125 R (288 -> 256 for R = 256).
+VAR_RESIZE_RATIO = 1.125
+
+
+def var_transform(image_size: int, train: bool = True, resize_ratio: float = VAR_RESIZE_RATIO) -> T.Compose:
     """VAR's preprocessing for a generation target of side R = ``image_size``, in [-1, 1].
 
-    Shortest side to round(1.125 R) with Lanczos, then a random R crop (centre crop when not ``train``), as
-    VAR's and VARGPT's training (288 -> 256 for R = 256); no flip.
+    Shortest side to round(``resize_ratio`` R) with Lanczos, then a random R crop (centre crop when not
+    ``train``), as VAR's and VARGPT's training; no flip. ``resize_ratio`` 1.0 keeps an image already at R x R
+    as it is (PIL returns a copy for a same-size resize): no crop can cut what lies near its border.
     """
+    if resize_ratio < 1.0:
+        raise ValueError(f"resize_ratio must be >= 1.0 (the crop needs a side of at least R), got {resize_ratio}")
     crop = T.RandomCrop(image_size) if train else T.CenterCrop(image_size)
     return T.Compose(
         [
             CapPixels(),
-            T.Resize(round(1.125 * image_size), interpolation=T.InterpolationMode.LANCZOS),
+            T.Resize(round(resize_ratio * image_size), interpolation=T.InterpolationMode.LANCZOS),
             crop,
             T.ToTensor(),
             # (x - 0.5) / 0.5 = 2x - 1: the VQ-VAE's [-1, 1] range.
