@@ -9,6 +9,9 @@ LOG_DIR   ?= logs
 BB_LOG    ?= logs/backbones
 BB_OUT    ?= backbones/shapes
 BB_THREADS ?= $(shell n=$$(nproc); echo $$(( n > 2 ? n / 2 : 1 )))
+# The generation chain's convolutions run 1.7x faster under bf16 autocast on a CPU with AVX512-BF16 (the
+# quantiser stays fp32); use 32-true on a CPU without it.
+BB_GEN_PRECISION ?= bf16-mixed
 # The stage-0 recipes run at their own (CPU-sized) budgets: no experiment preset.
 # They start from nothing: the world's own tokenizer, no initial weights.
 BB_TRAIN   = $(BIN)/python src/train.py '~experiment' paths.log_dir=$(BB_LOG) trainer.enable_progress_bar=false \
@@ -51,8 +54,8 @@ train: $(STAMP) ## one stage: make train STAGE=pretrain ARGS='trainer=gpu'
 # The two independent chains of the recipes run side by side, each on half the cores (one thread each on 2 cores:
 # two busy 2-thread processes on 2 cores spin in OpenMP barriers and run several times slower).
 bb-gen: $(STAMP)  # generation parts: the VQ-VAE, then the class-conditional VAR on its codes
-	OMP_NUM_THREADS=$(BB_THREADS) $(BB_TRAIN) stage=world_vqvae $(ARGS)
-	OMP_NUM_THREADS=$(BB_THREADS) $(BB_TRAIN) stage=world_var $(ARGS)
+	OMP_NUM_THREADS=$(BB_THREADS) $(BB_TRAIN) stage=world_vqvae trainer.precision=$(BB_GEN_PRECISION) $(ARGS)
+	OMP_NUM_THREADS=$(BB_THREADS) $(BB_TRAIN) stage=world_var trainer.precision=$(BB_GEN_PRECISION) $(ARGS)
 
 bb-und: $(STAMP)  # understanding parts and the judge: CLIP vision tower, LLM, open_clip judge, then LLaVA's two stages
 	OMP_NUM_THREADS=$(BB_THREADS) $(BB_TRAIN) stage=world_vision $(ARGS)
