@@ -9,7 +9,7 @@ no generation part). ``final`` adds the generation parts to the exported model o
 VQ-VAE and the class-conditional VAR (class embedding re-initialised), as the release's prepare step puts
 LLaVA-1.5, VAR-d30 and the VQ-VAE together; it writes that VARGPT (bf16, as released) and the CLIP-score judge
 into the backbones folder with a manifest: sha256 of every file, the commands, and the metrics each stage
-reached. The two chains (generation: VQ-VAE -> VAR; understanding: vision, LM, judge -> LLaVA) so never wait
+reached. So the two chains (generation: VQ-VAE -> VAR; understanding: vision, LM, judge -> LLaVA) never wait
 for each other (``make backbones`` runs them side by side).
 """
 

@@ -130,8 +130,9 @@ class VARGPTDataModule(LightningDataModule):
         )
 
     def _check_codes(self, sources: dict[str, SourceConfig]) -> None:
-        """With ``data.gen_codes``: the sources' codes must be of the model's VQ-VAE schedule and vocabulary; a
-        source without codes is named (its generation samples, if any, will be skipped as codes_missing)."""
+        """With ``data.gen_codes``: the sources' codes must be of the model's VQ-VAE schedule and vocabulary and of
+        targets resized by ``data.gen_resize_ratio``; a source without codes is named (its generation samples, if
+        any, will be skipped as codes_missing)."""
         vq = self.model_cfg.vqvae
         expected = {
             "patch_nums": list(vq.patch_nums),
