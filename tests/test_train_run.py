@@ -158,6 +158,7 @@ def test_three_stages_chain_with_mlflow(data_dir, tmp_path):
         assert config_files == {"config/resolved.yaml", "config/overrides.yaml"}
     val = client.get_metric_history(runs["sft_gen"].info.run_id, "val/loss_image")
     assert len(val) == 2 and "val/loss" in runs["sft_gen"].data.metrics
+    assert "val/prompt_gain_image_s0" in runs["sft_gen"].data.metrics  # validation scores prompt use per scale
     assert runs["sft_mixed"].data.tags["parent_run_id"] == runs["pretrain"].info.run_id
     assert runs["sft_gen"].data.tags["parent_run_id"] == runs["sft_mixed"].info.run_id
     assert "parent_run_id" not in runs["pretrain"].data.tags

@@ -221,3 +221,44 @@ def test_dummy_branches_run_the_units_without_teaching(tiny):
     out = tiny(padded)
     assert out.loss_image is not None
     assert torch.allclose(out.loss_text, plain.loss_text, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------- validation metrics
+def test_prompt_gain_pairs_each_target_with_another_prompt():
+    """val/prompt_gain_image_s<k> = image CE with the targets rolled over the batch's prompts - with their own."""
+    from types import SimpleNamespace
+
+    from vargpt.config import TrainerConfig
+    from vargpt.training.lightning_module import VARGPTModule, metric_names
+
+    model = build_vargpt(load_model_config(CONF / "model" / "tiny.yaml"), IDS).eval()
+    stage = OmegaConf.load(CONF / "stage" / "sft_gen.yaml").stage
+    module = VARGPTModule(model, stage, OmegaConf.structured(TrainerConfig), total_steps=1, seed=0)
+    module._trainer = SimpleNamespace(strategy=None, world_size=1)  # one process, nothing sharded
+    L, K = model.num_gen_tokens, len(model.cfg.vqvae.patch_nums)
+    prompts = [[10, 11, 12], [13, 14, 15], [16, 17, 18]]
+    ids = torch.tensor([p + [IDS.gen_start] + [IDS.gen_pad] * L + [IDS.gen_end] for p in prompts])
+    torch.manual_seed(0)
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": ids.clone(),
+        "gen_codes": torch.randint(0, model.cfg.vqvae.vocab_size, (3, L)),
+    }
+    with torch.no_grad():
+        right = model(batch).metrics
+        rolled = model({**batch, "gen_codes": batch["gen_codes"].roll(1, 0)}).metrics
+        gain = module.prompt_gain(batch, right)
+    names = ["prompt_gain_image"] + [f"prompt_gain_image_s{k}" for k in range(K)]
+    assert sorted(gain) == sorted(names) and set(names) <= set(metric_names(K))
+    for name in names:
+        own = name.replace("prompt_gain_", "loss_")
+        assert torch.allclose(gain[name], rolled[own] - right[own], atol=1e-6), name
+    # The same prompt everywhere: rolling only permutes the batch, so the right prompt gains nothing.
+    same = {**batch, "input_ids": ids[:1].expand(3, -1).clone()}
+    with torch.no_grad():
+        flat = module.prompt_gain(same, model(same).metrics)
+    assert all(v.abs() < 1e-5 for v in flat.values()) and gain["prompt_gain_image"].abs() > 1e-4
+    one = {k: v[:1] for k, v in batch.items()}
+    with torch.no_grad():
+        assert module.prompt_gain(one, model(one).metrics) == {}

@@ -164,6 +164,9 @@ class TrainerConfig:
     # Validation cadence in optimizer steps (null = no validation during training).
     val_every_n_steps: int | None = None
     limit_val_batches: int = 10
+    # Validation also scores every generation target against another sample's prompt (one more forward per
+    # batch) and logs val/prompt_gain_image[_s<k>]: how much the right prompt lowers each scale's image CE.
+    val_prompt_gain: bool = True
     num_sanity_val_steps: int = 0
     deterministic: bool = False
     enable_progress_bar: bool = True

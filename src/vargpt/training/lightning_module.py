@@ -37,7 +37,9 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 def metric_names(num_scales: int) -> list[str]:
     """The step metrics, in a fixed order so that every rank reduces the same vector."""
     names = ["loss", "loss_text", "acc_text", "loss_image", "acc_image", "loss_image_tail", "acc_image_tail"]
-    return names + [f"{m}_image_s{k}" for k in range(num_scales) for m in ("loss", "acc")]
+    names += [f"{m}_image_s{k}" for k in range(num_scales) for m in ("loss", "acc")]
+    # Validation only (VARGPTModule.prompt_gain).
+    return names + ["prompt_gain_image"] + [f"prompt_gain_image_s{k}" for k in range(num_scales)]
 
 
 class VARGPTModule(pl.LightningModule):
@@ -100,10 +102,15 @@ class VARGPTModule(pl.LightningModule):
             batch = {**batch, HOST_COUNTS: BatchCounts.of(batch, self.model.ids)}
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
+    @property
+    def _sharded(self) -> bool:
+        """Whether parameters are sharded over several ranks (every rank must then run the same units)."""
+        return isinstance(self.trainer.strategy, ModelParallelStrategy) and self.trainer.world_size > 1
+
     def _forward(self, batch: dict[str, Any]) -> tuple[Any, torch.Tensor]:
         """Model outputs and the stage's loss; under sharding, every rank runs the same branches."""
         dummy_gen = False
-        if isinstance(self.trainer.strategy, ModelParallelStrategy) and self.trainer.world_size > 1:
+        if self._sharded:
             aligned, dummy_gen = align_branches(batch, self.model)
             if aligned is not batch:
                 aligned.pop(HOST_COUNTS, None)  # a dummy sample was added: the counts no longer hold
@@ -168,7 +175,30 @@ class VARGPTModule(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out, loss = self._forward(batch)
-        self._accumulate("val", out.metrics, loss)
+        metrics = out.metrics
+        if self.trainer_cfg.val_prompt_gain:
+            metrics = {**metrics, **self.prompt_gain(batch, metrics)}
+        self._accumulate("val", metrics, loss)
+
+    def prompt_gain(self, batch: dict[str, Any], metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``prompt_gain_image[_s<k>]``: how much higher each scale's image CE is when every generation target
+        is paired with another sample's prompt (the targets rolled by one over the batch's generation images).
+
+        Teacher forcing gives each image its own prefix either way, so the gain measures what the prompt adds
+        to the image's own earlier scales: near 0 at a scale means the LLM's hidden states there do not carry
+        the instruction (VARGPT conditions the VAR through them only). Empty for fewer than two targets.
+        """
+        key = "gen_codes" if batch.get("gen_codes") is not None else "pixel_gen_values"
+        targets = batch.get(key)
+        n = 0 if targets is None else targets.shape[0]
+        if n < 2 and not self._sharded:
+            return {}
+        # Sharded ranks all run the second forward (their collectives must match); a short batch scores itself.
+        shuffled, _ = self._forward({**batch, key: targets.roll(1, 0)} if n >= 2 else batch)
+        if n < 2 or "loss_image" not in shuffled.metrics:
+            return {}
+        names = ["loss_image"] + [f"loss_image_s{k}" for k in range(len(self.model.cfg.vqvae.patch_nums))]
+        return {name.replace("loss_", "prompt_gain_"): shuffled.metrics[name] - metrics[name] for name in names}
 
     def on_validation_epoch_end(self) -> None:
         self._log_means("val", on_step=False, on_epoch=True)
