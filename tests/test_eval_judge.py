@@ -131,3 +131,25 @@ def test_backbone_helpers_on_random_models():
     figures = var_judge_accuracy(var, vqvae, classes[:4], per_class=1, top_k=1, top_p=0.0, judge=judge)
     assert figures["n"] == 4 and set(figures) == {"n", "colour", "shape", "both"}
     assert all(0 <= figures[k] <= 100 for k in ("colour", "shape", "both"))
+
+
+def test_t2i_scores_separate_the_reply_from_the_image():
+    """reply_objects: replies naming every asked object; both_when_reply_right: the judge over those only."""
+    from vargpt.eval.shapes_eval import reply_names_objects, score_t2i
+
+    scene = {
+        "background": "white",
+        "objects": [{"shape": "circle", "colour": "red"}, {"shape": "square", "colour": "blue"}],
+    }
+    assert reply_names_objects("Here is a red circle and a blue square.<image_gen>", scene)
+    assert not reply_names_objects("Here is a blue circle and a red square.<image_gen>", scene)  # colours swapped
+    base = {"has_image": 1.0, "colour": 1.0, "shape": 1.0, "count": 1.0}
+    records = [
+        {**base, "both": 1.0, "reply_objects": 1.0},
+        {**base, "both": 0.0, "reply_objects": 1.0},
+        {**base, "both": 0.0, "reply_objects": 0.0},
+        {**base, "both": 1.0, "reply_objects": 0.0},
+    ]
+    scores = score_t2i(records)
+    assert scores["reply_objects"] == 50.0 and scores["both_when_reply_right"] == 50.0 and scores["both"] == 50.0
+    assert "reply_objects" not in score_t2i([{k: v for k, v in r.items() if k != "reply_objects"} for r in records])

@@ -52,8 +52,8 @@ HEADLINE: dict[str, tuple[str, ...]] = {
     "mmbench": ("accuracy",),
     "seedbench": ("image/accuracy", "all/accuracy"),
     "mmmu": ("accuracy",),
-    SHAPES: ("vqa/accuracy", "t2i/both", "t2i/colour", "t2i/shape", "t2i/image_rate", "t2i/clip_matched",
-             "t2i/clip_shuffled", "vqvae/psnr"),
+    SHAPES: ("vqa/accuracy", "t2i/both", "t2i/colour", "t2i/shape", "t2i/image_rate", "t2i/reply_objects",
+             "t2i/both_when_reply_right", "t2i/clip_matched", "t2i/clip_shuffled", "vqvae/psnr"),
 }  # fmt: skip
 
 

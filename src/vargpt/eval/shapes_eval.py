@@ -11,7 +11,10 @@ Half of them use wordings and (shape, colour) combinations never seen in trainin
 * Text-to-image: each held-out instruction, answered with the release's sampling defaults (the model writes
   its reply and starts the image itself unless ``force_image``); the image is judged by the validated
   :mod:`vargpt.eval.judge` on colour, shape, both (and size / position / background when the instruction
-  asked for them). A reply without an image counts as wrong.
+  asked for them). A reply without an image counts as wrong. ``reply_objects`` is the share of replies whose
+  text names every asked object as "<colour> <shape>" (the world's replies restate the instruction before the
+  image), and ``both_when_reply_right`` the judge's ``both`` over those: together they tell a language model
+  that rewrote the instruction from an image that did not follow its own reply.
 * CLIP score (optional: only with a CLIP judge, e.g. the world's own open_clip): generated images against
   their own descriptions and against another sample's (shuffled); a model that follows its instructions
   scores clearly higher on the matched pairs.
@@ -198,12 +201,22 @@ def draw_t2i(
                 verdict.update(
                     dict.fromkeys((a for a in ("size", "position", "background") if a in item.requested), 0.0)
                 )
-            yield item.record(reply=out.text, seed=out.seed, has_image=float(image is not None), **verdict), image
+            names = float(reply_names_objects(out.text, item.scene))
+            record = item.record(
+                reply=out.text, seed=out.seed, has_image=float(image is not None), reply_objects=names, **verdict
+            )
+            yield record, image
+
+
+def reply_names_objects(reply: str, scene: Mapping[str, Any]) -> bool:
+    """Whether the reply's text names every object of the scene as "<colour> <shape>"."""
+    return all(f"{obj['colour']} {obj['shape']}" in reply for obj in scene["objects"])
 
 
 def score_t2i(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Judge accuracies in percent (colour, shape, both, and size / position / background over the instructions
-    that asked for them), the share of replies with an image, and ``both`` on unseen wordings / combinations."""
+    that asked for them), the share of replies with an image, ``both`` on unseen wordings / combinations, the
+    share of replies naming every asked object and ``both`` over those replies."""
     groups: dict[str, list[float]] = defaultdict(list)
     for r in records:
         groups["image_rate"].append(r["has_image"])
@@ -213,6 +226,10 @@ def score_t2i(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         for flag in ("unseen_wording", "unseen_combo"):
             if r.get(flag):
                 groups[f"{flag}/both"].append(r["both"])
+        if "reply_objects" in r:  # records written before this figure existed lack it
+            groups["reply_objects"].append(r["reply_objects"])
+            if r["reply_objects"]:
+                groups["both_when_reply_right"].append(r["both"])
     return {"n": float(len(records)), **{name: _percent(values) for name, values in sorted(groups.items())}}
 
 
