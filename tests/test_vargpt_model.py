@@ -100,6 +100,34 @@ def test_mixed_batch_scatters_both_and_trains_both(tiny_model):
     assert "loss_image_tail" in out.metrics and "acc_text" in out.metrics
 
 
+def test_image_loss_reduction_token_or_scale(tiny_model):
+    """token: mean over the L code positions (VAR); scale: mean of the K per-scale means; same logits."""
+    from vargpt.model.config import ImageLossReduction
+
+    model = tiny_model.eval()
+    batch = make_batch(model, n_und=0, n_gen=2)
+    with torch.no_grad():
+        token = model(batch)
+        model.cfg.image_loss_reduction = ImageLossReduction.scale
+        try:
+            scale = model(batch)
+        finally:
+            model.cfg.image_loss_reduction = ImageLossReduction.token
+    K = model.vargpt_gen.schedule.num_scales
+    per_scale = torch.stack([token.metrics[f"loss_image_s{k}"] for k in range(K)])
+    sizes = torch.tensor([float(e - b) for b, e in model.vargpt_gen.schedule.begin_end])
+    assert torch.allclose(token.loss_image, (per_scale * sizes).sum() / sizes.sum(), atol=1e-5)
+    assert torch.allclose(scale.loss_image, per_scale.mean(), atol=1e-5)
+    assert not torch.allclose(scale.loss_image, token.loss_image)
+
+
+def test_image_loss_reduction_names_the_allowed_values():
+    from omegaconf.errors import ValidationError
+
+    with pytest.raises(ValidationError, match="token, scale"):
+        load_model_config(CONF / "tiny.yaml", ["image_loss_reduction=tokens"])
+
+
 def test_generation_inputs_change_text_hidden_states(tiny_model):
     """The gen-pad slots hold projected VAR inputs, not pad embeddings: changing the target image changes
     the LLM states after the block (in a mixed batch, which the release gets wrong)."""

@@ -7,6 +7,7 @@ Hydra validates YAML against them at compose time, so a misspelt key fails namin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,19 @@ class VARConfig:
     cond_drop_rate: float = 0.1
 
 
+class ImageLossReduction(Enum):
+    """How the image loss averages the per-token CE of the L = sum(p_k^2) code positions.
+
+    token: uniform over all L tokens (VAR, VARGPT): the 1x1 first scale weighs 1/L.
+    scale: each scale's mean CE weighs 1/K: not in the paper. On the shapes world (docs/backbones.md) it made
+    the first scale read the prompt (teacher-forced CE with the right prompt 1.7 vs 4.9 with another's; 2.6 vs
+    2.7 with ``token``) and the generated backgrounds follow the instruction, but not the objects.
+    """
+
+    token = "token"
+    scale = "scale"
+
+
 @dataclass
 class ModelConfig:
     """A whole VARGPT model: LLM, vision tower, understanding projector, VQ-VAE, VAR decoder, gen projectors."""
@@ -129,6 +143,7 @@ class ModelConfig:
     # Weights of the two losses in the total (the release: 1:1).
     text_loss_weight: float = 1.0
     image_loss_weight: float = 1.0
+    image_loss_reduction: ImageLossReduction = ImageLossReduction.token
     # Local folder of the HF tokenizer holding the five special tokens (tokens.py); null = none yet.
     tokenizer: str | None = None
     # Where the weights come from: null (random init), a released VARGPT folder, a stage checkpoint, or the

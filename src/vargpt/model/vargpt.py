@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
 
-from vargpt.model.config import ModelConfig
+from vargpt.model.config import ImageLossReduction, ModelConfig
 from vargpt.model.projectors import GenProjector, UnderstandingProjector
 from vargpt.model.tokens import SpecialTokenIds
 from vargpt.model.var import var_from_config
@@ -265,21 +265,25 @@ class VARGPT(nn.Module):
     def image_loss(
         self, logits_NLV: torch.Tensor, gt_NL: torch.Tensor, metrics: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        """Uniform CE over all L code positions (reference 4), plus per-scale and last-scale ("tail") stats."""
+        """CE over the L code positions, uniform (reference 4) or per scale (``cfg.image_loss_reduction``), plus
+        per-scale and last-scale ("tail") stats."""
         ce_NL = F.cross_entropy(logits_NLV.float().transpose(1, 2), gt_NL, reduction="none")
         hit_NL = (logits_NLV.argmax(-1) == gt_NL).float()
-        loss = ce_NL.mean()
+        schedule = self.vargpt_gen.schedule
+        ce_by_scale = [ce_NL[:, b:e].mean() for b, e in schedule.begin_end]
+        if self.cfg.image_loss_reduction == ImageLossReduction.scale:
+            loss = torch.stack(ce_by_scale).mean()
+        else:
+            loss = ce_NL.mean()
         # torch.full, not torch.tensor: a fill kernel, not a blocking copy from the host.
         metrics["num_image_tokens"] = torch.full((), gt_NL.numel(), device=gt_NL.device)
         metrics["loss_image"] = loss.detach()
         metrics["acc_image"] = hit_NL.mean().detach()
-        schedule = self.vargpt_gen.schedule
         for k, (b, e) in enumerate(schedule.begin_end):
-            metrics[f"loss_image_s{k}"] = ce_NL[:, b:e].mean().detach()
+            metrics[f"loss_image_s{k}"] = ce_by_scale[k].detach()
             metrics[f"acc_image_s{k}"] = hit_NL[:, b:e].mean().detach()
-        b, e = schedule.begin_end[-1]
-        metrics["loss_image_tail"] = ce_NL[:, b:e].mean().detach()
-        metrics["acc_image_tail"] = hit_NL[:, b:e].mean().detach()
+        metrics["loss_image_tail"] = metrics[f"loss_image_s{k}"]
+        metrics["acc_image_tail"] = metrics[f"acc_image_s{k}"]
         return loss
 
 
