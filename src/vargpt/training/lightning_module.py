@@ -182,7 +182,8 @@ class VARGPTModule(pl.LightningModule):
 
     def prompt_gain(self, batch: dict[str, Any], metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``prompt_gain_image[_s<k>]``: how much higher each scale's image CE is when every generation target
-        is paired with another sample's prompt (the targets rolled by one over the batch's generation images).
+        is paired with another sample's prompt (the targets rolled by one over the batch's generation images, so
+        each lands in the next image's slot: another sample's, unless one conversation holds both).
 
         Teacher forcing gives each image its own prefix either way, so the gain measures what the prompt adds
         to the image's own earlier scales: near 0 at a scale means the LLM's hidden states there do not carry
