@@ -9,7 +9,8 @@ LOG_DIR   ?= logs
 BB_LOG    ?= logs/backbones
 BB_OUT    ?= backbones/shapes
 BB_THREADS ?= $(shell n=$$(nproc); echo $$(( n > 2 ? n / 2 : 1 )))
-# The generation chain's convolutions run 1.7x faster under bf16 autocast on a CPU with AVX512-BF16 (the
+BB_ALL_THREADS ?= $(shell nproc)
+# The generation parts' convolutions run 1.7x faster under bf16 autocast on a CPU with AVX512-BF16 (the
 # quantiser stays fp32); use 32-true on a CPU without it.
 BB_GEN_PRECISION ?= bf16-mixed
 # The demo's stage 2 runs 4x the preset's 4000 samples: its image loss is what teaches the LLM to carry the prompt
@@ -21,7 +22,7 @@ BB_TRAIN   = $(BIN)/python src/train.py '~experiment' paths.log_dir=$(BB_LOG) tr
 	model.tokenizer=null model.init_from=null
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow lint demo train backbones bb-gen bb-und mlflow-ui clean
+.PHONY: help install test test-slow lint demo train backbones bb-vqvae bb-und bb-var mlflow-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -54,11 +55,14 @@ demo: $(STAMP) ## the three VARGPT stages on the embedded default (tiny model, s
 train: $(STAMP) ## one stage: make train STAGE=pretrain ARGS='trainer=gpu'
 	$(BIN)/python src/train.py stage=$(STAGE) paths.log_dir=$(LOG_DIR) $(ARGS)
 
-# The two independent chains of the recipes run side by side, each on half the cores (one thread each on 2 cores:
-# two busy 2-thread processes on 2 cores spin in OpenMP barriers and run several times slower).
-bb-gen: $(STAMP)  # generation parts: the VQ-VAE, then the class-conditional VAR on its codes
+# The VQ-VAE and the understanding chain run side by side, each on half the cores (one thread each on 2 cores:
+# two busy 2-thread processes on 2 cores spin in OpenMP barriers and run several times slower); the VAR, which
+# needs the VQ-VAE, then has all the cores.
+bb-vqvae: $(STAMP)  # the multi-scale VQ-VAE
 	OMP_NUM_THREADS=$(BB_THREADS) $(BB_TRAIN) stage=world_vqvae trainer.precision=$(BB_GEN_PRECISION) $(ARGS)
-	OMP_NUM_THREADS=$(BB_THREADS) $(BB_TRAIN) stage=world_var trainer.precision=$(BB_GEN_PRECISION) $(ARGS)
+
+bb-var: $(STAMP)  # the class-conditional VAR on the VQ-VAE's codes
+	OMP_NUM_THREADS=$(BB_ALL_THREADS) $(BB_TRAIN) stage=world_var trainer.precision=$(BB_GEN_PRECISION) $(ARGS)
 
 bb-und: $(STAMP)  # understanding parts and the judge: CLIP vision tower, LLM, open_clip judge, then LLaVA's two stages
 	OMP_NUM_THREADS=$(BB_THREADS) $(BB_TRAIN) stage=world_vision $(ARGS)
@@ -69,7 +73,8 @@ bb-und: $(STAMP)  # understanding parts and the judge: CLIP vision tower, LLM, o
 	OMP_NUM_THREADS=$(BB_THREADS) $(BB_TRAIN) stage=world_llava_sft $(ARGS)
 
 backbones: $(STAMP) ## retrain the shapes world's pretrained parts (stage-0 recipes) into backbones/shapes
-	$(MAKE) -j2 bb-gen bb-und ARGS="$(ARGS)"
+	$(MAKE) -j2 bb-vqvae bb-und ARGS="$(ARGS)"
+	$(MAKE) bb-var ARGS="$(ARGS)"
 	$(BIN)/python -m vargpt.backbones.assemble final --log-dir $(BB_LOG) --out $(BB_OUT) \
 		--command "make backbones ARGS='$(ARGS)'"
 
