@@ -14,6 +14,7 @@ installed (a bare checkout on the GPU machine).
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import os
 import resource
@@ -161,6 +162,11 @@ def _build_dataclass(cls: type, data: dict[str, Any], where: str) -> Any:
             value = _build_dataclass(hint, value, f"{where}.{f.name}")
         elif typing.get_origin(hint) is tuple and isinstance(value, tuple | list):
             value = list(value)
+        elif isinstance(hint, type) and issubclass(hint, enum.Enum):
+            allowed = [m.value for m in hint]
+            if value not in allowed:
+                raise ValueError(f"{where}.{f.name}: {value!r} is not one of {allowed}")
+            value = hint(value)
         kwargs[f.name] = value
     return cls(**kwargs)
 

@@ -77,6 +77,8 @@ def test_yaml_fallback_reads_the_same_config(bench, monkeypatch):
     for name, overrides in (("tiny", ["var.depth=2"]), ("vargpt_llava_7b", ["llm.num_hidden_layers=4", "vqvae.ch=32"])):
         path = common.model_yaml(name)
         assert common._load_model_cfg_yaml(path, overrides) == load_model_config(path, overrides)
+    with pytest.raises(ValueError, match=r"model.image_loss_reduction: 'tokens' is not one of \['token', 'scale'\]"):
+        common._load_model_cfg_yaml(common.model_yaml("tiny"), ["image_loss_reduction=tokens"])
     monkeypatch.setitem(sys.modules, "omegaconf", None)  # as on the GPU image
     assert common.load_model_cfg("tiny", ["llm.num_hidden_layers=3"]).llm.num_hidden_layers == 3
 
