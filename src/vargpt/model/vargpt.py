@@ -282,8 +282,9 @@ class VARGPT(nn.Module):
         for k, (b, e) in enumerate(schedule.begin_end):
             metrics[f"loss_image_s{k}"] = ce_by_scale[k].detach()
             metrics[f"acc_image_s{k}"] = hit_NL[:, b:e].mean().detach()
-        metrics["loss_image_tail"] = metrics[f"loss_image_s{k}"]
-        metrics["acc_image_tail"] = metrics[f"acc_image_s{k}"]
+        last = schedule.num_scales - 1
+        metrics["loss_image_tail"] = metrics[f"loss_image_s{last}"]
+        metrics["acc_image_tail"] = metrics[f"acc_image_s{last}"]
         return loss
 
 
