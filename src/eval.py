@@ -6,9 +6,11 @@
         limit=500 batch_size=16 device=cuda dtype=bfloat16
     python src/eval.py ckpt=... benchmarks=[shapes] clip.weights=backbones/world_clip.safetensors
 
-Writes <out_dir>/<benchmark>/{predictions.jsonl,scores.json} (rerun the same command to resume an interrupted
-run), logs the scores and files to MLflow (paths.log_dir/mlflow.db) and prints a table. The logic lives in
-vargpt.eval.runner; the config is conf/eval.yaml.
+Writes <out_dir>/<benchmark>/{predictions.jsonl,scores.json,run.json} (rerun the same command to resume an
+interrupted run; predictions made with other settings or benchmark files are refused, naming what differs), logs
+the scores and files to MLflow (paths.log_dir/mlflow.db) and prints a table. Benchmarks are asked and scored as
+lmms-eval's VARGPT wrapper does: docs/evaluation.md. The logic lives in vargpt.eval.runner; the config is
+conf/eval.yaml.
 """
 
 from pathlib import Path

@@ -12,14 +12,19 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from eval_fixtures import write_benchmark
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from llama_tokenizer import llama_style_tokenizer
 from omegaconf import open_dict
 from PIL import Image
 
 from vargpt.config import register_configs
 from vargpt.data.shapes import ensure_shapes_world
+from vargpt.eval import runner
 from vargpt.eval.callbacks import EvalCallback, _EOSRecorder, image_grid
+from vargpt.model import build_vargpt, load_model_config
+from vargpt.model.vargpt import VARGPT
 from vargpt.training.task import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -116,6 +121,40 @@ def test_image_grid_and_eos_recorder():
     out = recorder([0, 2], [[7, 7], [7]], logits)
     assert recorder.ends == [2, None, None]
     assert out[0, 2] == float("-inf") and out[1, 2] == float("-inf") and logits[0, 2] == 5.0
+
+
+def test_benchmark_questions_are_asked_as_src_eval_asks_them(tmp_path, monkeypatch):
+    """The callback's benchmark VQA feeds the runner's prompts (lmms-eval's string with BOS) and takes the same
+    answers, also in the FSDP lockstep path (fixed length, answers cut where the model would have ended)."""
+    write_benchmark("pope", tmp_path)
+    torch.manual_seed(0)
+    model = build_vargpt(load_model_config(CONF / "model" / "tiny.yaml"), llama_style_tokenizer()).eval()
+    fed: list[list[int]] = []
+    original = VARGPT.generate
+
+    def spy(self, *args, **kwargs):
+        outputs = original(self, *args, **kwargs)
+        fed.extend(out.prompt_ids for out in outputs)
+        return outputs
+
+    monkeypatch.setattr(VARGPT, "generate", spy)
+    callback = EvalCallback(num_images=0, vqa=2, vqa_source="pope", data_root=str(tmp_path), vqa_max_new_tokens=3)
+    items = callback._vqa_items()
+    answers = {
+        lockstep: [r["prediction"] for _, r in callback._answer(model, callback._shares(items, 0, 1), lockstep)]
+        for lockstep in (False, True)
+    }
+    callback_fed, fed[:] = list(fed), []
+    sampling = runner.benchmark_sampling("pope", max_new_tokens=3)
+    records = [r for batch in runner.predict(model, items, sampling, batch_size=8, skip=set()) for r in batch]
+    assert callback_fed == fed * 2
+    assert answers[False] == answers[True] == [r["prediction"] for r in records]
+    system = (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions."
+    )
+    question = "Is there a dog in the image?\nAnswer the question using a single word or phrase."
+    assert fed[0] == model.tokenizer(f"{system} USER: {'<image>' * 64}\n{question} ASSISTANT:")["input_ids"]
 
 
 def test_shares_pad_every_rank_equally():

@@ -1,25 +1,33 @@
-"""``src/eval.py``: every benchmark on tiny parquet copies, the shapes world end to end, resume, errors.
+"""``src/eval.py``: every benchmark on tiny parquet copies, the shapes world end to end, resume, errors, and the
+evaluation prompt token for token.
 
 The model is the tiny one with random weights (``ckpt=null``): answers are nonsense, but every path (reading,
-prompting, batched generation, writing, scoring, MLflow, the table) runs for real.
+prompting, batched generation, writing, scoring, MLflow, the table) runs for real. The prompt tests use the
+Llama-style tokenizer (whitespace-sensitive, BOS), with the expected strings written out per benchmark.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
 import open_clip
+import pyarrow as pa
 import pytest
 import torch
 from eval_fixtures import WRITERS, write_all, write_benchmark
 from hydra import compose, initialize_config_dir
+from llama_tokenizer import llama_style_tokenizer
+from test_eval_benchmarks import IMAGE, STRING, png, write
 
 from vargpt.config import register_configs
 from vargpt.eval import runner
-from vargpt.eval.benchmarks import BENCHMARKS, BenchmarkFileNotFoundError
+from vargpt.eval.benchmarks import BENCHMARKS, BenchmarkFileNotFoundError, benchmark_fingerprint, read_benchmark
+from vargpt.model import build_vargpt, load_model_config
 from vargpt.model.vargpt import VARGPT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +110,7 @@ def test_every_benchmark_and_shapes_with_mlflow(tmp_path, data_root, cached_mode
     client = MlflowClient(f"sqlite:///{(tmp_path / 'logs').resolve()}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("vargpt").experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name == "all"
-    assert "pope/accuracy" in run.data.metrics and "mme/perception" in run.data.metrics
+    assert "pope/pope_accuracy" in run.data.metrics and "mme/perception" in run.data.metrics
     assert "shapes/t2i/both" in run.data.metrics and "shapes/vqa/accuracy" in run.data.metrics
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"pope", "shapes", "config"}
 
@@ -125,7 +133,7 @@ def test_script_shapes_end_to_end(tmp_path, cached_model, monkeypatch, capsys):
 
 
 def test_resume_from_a_partial_predictions_file(tmp_path, data_root, monkeypatch, cached_model):
-    cfg = compose_eval(tmp_path, ["benchmarks=[pope]", f"data_root={data_root}", "logger=none"])
+    cfg = compose_eval(tmp_path, ["benchmarks=[pope]", f"data_root={data_root}", "logger=none", "run_name=pope"])
     counter = CountPrompts(monkeypatch)
     first = runner.run(cfg)["pope"]
     assert counter.n == 4 and first["n"] == 4
@@ -139,13 +147,13 @@ def test_resume_from_a_partial_predictions_file(tmp_path, data_root, monkeypatch
     resumed = path.read_text().splitlines()
     assert len(resumed) == 4 and resumed[:2] == lines[:2]
     assert [json.loads(x)["id"] for x in resumed] == [json.loads(x)["id"] for x in lines]
-    assert second["accuracy"] == first["accuracy"]
+    assert second["pope_accuracy"] == first["pope_accuracy"]
     # A finished benchmark is not asked again; other generation settings refuse to mix into its file.
     counter.n = 0
     runner.run(cfg)
     assert counter.n == 0
     other = compose_eval(tmp_path, ["benchmarks=[pope]", f"data_root={data_root}", "logger=none",
-                                    "max_new_tokens=3"])  # fmt: skip
+                                    "max_new_tokens=3", "run_name=pope"])  # fmt: skip
     with pytest.raises(ValueError, match="other settings"):
         runner.run(other)
 
@@ -222,3 +230,151 @@ def test_table_counts_each_shapes_part_on_its_own():
     rows = {line.split()[1]: line.split()[-1] for line in runner.format_table({"shapes": scores}).splitlines()[2:]}
     assert rows == {"vqa/accuracy": "200", "t2i/both": "100", "vqvae/psnr": "50"}
     assert runner.format_table({"mmbench": {"accuracy": 70.0, "n": 10.0}}).splitlines()[2].split()[-1] == "10"
+
+
+# --------------------------------------------------------------------------------------------- the prompt
+# The release's system prompt and the tiny model's image block (64 tokens), written out so that drift shows.
+SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions."
+)
+IMG = "<image>" * 64
+SHORT = "\nAnswer the question using a single word or phrase."
+LETTER = "\nAnswer with the option's letter from the given choices directly."
+# Per benchmark: the item of eval_fixtures asked, and lmms-eval's whole prompt string for it (VARGPT wrapper:
+# Vicuna template, "<image>"s space-joined and a newline put first, image tokens expanded).
+EXPECTED_PROMPTS = {
+    "vqav2": (0, f"{SYSTEM} USER: {IMG}\nHow many cats?{SHORT} ASSISTANT:"),
+    "gqa": (0, f"{SYSTEM} USER: {IMG}\nIs the sky blue?{SHORT} ASSISTANT:"),
+    "textvqa": (0, f"{SYSTEM} USER: {IMG}\nWhat does the sign say?{SHORT} ASSISTANT:"),
+    "vizwiz": (0, f"{SYSTEM} USER: {IMG}\nWhat is this?\nWhen the provided information is insufficient, respond "
+                  f"with 'Unanswerable'.{SHORT} ASSISTANT:"),
+    "scienceqa_img": (0, f"{SYSTEM} USER: {IMG}\nContext: Look at the picture.\nWhich animal is a mammal?\nA. frog"
+                         f"\nB. dog\nC. fish{LETTER} ASSISTANT:"),
+    "pope": (0, f"{SYSTEM} USER: {IMG}\nIs there a dog in the image?{SHORT} ASSISTANT:"),
+    "mme": (0, f"{SYSTEM} USER: {IMG}\nIs this a painting?{SHORT} ASSISTANT:"),
+    "mmbench": (1, f"{SYSTEM} USER: {IMG}\nIt barks. What animal is shown? There are several options:\nA. cat\n"
+                   f"B. dog\n{LETTER} ASSISTANT:"),
+    "seedbench": (1, f"{SYSTEM} USER: {IMG} {IMG}\nWhat is the person doing?\nA. run\nB. walk\nC. sit\nD. jump"
+                     f"{LETTER} ASSISTANT:"),
+    "mmmu": (0, f"{SYSTEM} USER: {IMG}\nWhich style is <image 1>?\nA. Baroque\nB. Cubism\n\nAnswer with the "
+                "option's letter from the given choices directly. ASSISTANT:"),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def llama_model():
+    torch.manual_seed(0)
+    model = build_vargpt(load_model_config(REPO / "conf" / "model" / "tiny.yaml"), llama_style_tokenizer())
+    assert model.num_image_tokens == 64
+    return model.eval()
+
+
+def test_expected_prompts_cover_every_benchmark():
+    assert set(EXPECTED_PROMPTS) == set(BENCHMARKS)
+
+
+@pytest.mark.parametrize("benchmark", sorted(EXPECTED_PROMPTS))
+def test_runner_asks_lmms_eval_prompts_token_for_token(benchmark, data_root, llama_model):
+    """The ids fed to the model are the tokenizer's encoding, with BOS, of lmms-eval's whole prompt string."""
+    index, expected = EXPECTED_PROMPTS[benchmark]
+    item = list(read_benchmark(benchmark, data_root))[index]
+    sampling = runner.benchmark_sampling(benchmark, max_new_tokens=1)
+    (out,) = runner.answer_items(llama_model, [item], sampling)
+    ids = llama_style_tokenizer()(expected)["input_ids"]
+    assert ids[0] == llama_model.ids.bos
+    assert out.prompt_ids == ids
+
+
+@pytest.mark.parametrize("benchmark", ["textvqa", "vizwiz", "mmbench", "seedbench"])
+def test_benchmark_sampling_drops_the_tasks_until(benchmark):
+    """The four tasks whose YAML stops at "ASSISTANT:": the wrapper drops `until`, and so do we (even over a base
+    sampling that had stop strings); greedy, the task's length, no image."""
+    sampling = runner.benchmark_sampling(benchmark, base={"stop": ["ASSISTANT:"]})
+    assert sampling.stop == [] and sampling.greedy and sampling.max_images == 0
+    assert sampling.max_new_tokens == BENCHMARKS[benchmark].max_new_tokens == 1024
+
+
+def test_answer_is_the_text_after_the_last_marker(llama_model):
+    marker = runner.answer_marker(llama_model.tokenizer)  # no chat template: Vicuna's
+    assert marker == "ASSISTANT:"
+    assert runner.extract_answer(" B\n", marker) == "B"
+    assert runner.extract_answer("A USER: why? ASSISTANT: C. sit ", marker) == "C. sit"
+    llama_model.tokenizer.chat_template = "[INST] {{ messages[0]['content'] }} [/INST]"
+    try:
+        assert runner.answer_marker(llama_model.tokenizer) == "[/INST]"
+    finally:
+        llama_model.tokenizer.chat_template = None
+
+
+def test_prompts_past_the_position_limit_are_run_and_counted(tmp_path, cached_model):
+    """A SEED video row with 9 frames x 64 tokens exceeds the tiny LLM's 512 positions: it is answered (as
+    lmms-eval runs it), not refused, and counted in scores.json and the table."""
+    choices = {f"choice_{k}": (STRING, [k.upper(), k.upper()]) for k in "abcd"}
+    write(tmp_path / "data", "SEED-Bench/data/test-00000-of-00001.parquet", {
+        "answer": (STRING, ["A", "B"]), **choices, "data_type": (STRING, ["image", "video"]),
+        "question": (STRING, ["Which?", "What happens?"]), "question_id": (STRING, ["1", "2"]),
+        "image": (pa.list_(IMAGE), [[png("red")], [png("blue")] * 9]),
+    })  # fmt: skip
+    cfg = compose_eval(tmp_path, ["benchmarks=[seedbench]", f"data_root={tmp_path / 'data'}", "logger=none"])
+    scores = runner.run(cfg)["seedbench"]
+    assert scores["n"] == 2 and scores["errors"] == 0 and scores["over_position_limit"] == 1
+    short, long = (json.loads(line) for line in (Path(cfg.out_dir) / "seedbench" / "predictions.jsonl").open())
+    assert long["prompt_tokens"] > 512 and long["over_position_limit"] and "error" not in long
+    assert not short["over_position_limit"]
+    table = (Path(cfg.out_dir) / "table.txt").read_text()
+    assert [line.split() for line in table.splitlines() if "over_position_limit" in line] == [
+        ["seedbench", "over_position_limit", "1", "2"]
+    ]
+
+
+# --------------------------------------------------------------------------------------------- stale outputs
+def test_stale_predictions_are_refused_naming_what_differs(tmp_path, data_root, cached_model):
+    """An out_dir holding predictions is resumed only with everything that defines them unchanged: another data
+    root, a rewritten benchmark file or another limit is refused, naming the difference and the way out."""
+    copy = tmp_path / "copy"
+    shutil.copytree(data_root, copy)
+    common = ["benchmarks=[pope]", "logger=none", "run_name=fixed"]
+    first = compose_eval(tmp_path, [*common, f"data_root={copy}", "limit=2"])
+    runner.run(first)
+    run_file = json.loads((Path(first.out_dir) / "pope" / "run.json").read_text())
+    assert run_file["data_root"] == str(copy.resolve()) and run_file["limit"] == 2
+    assert run_file["files"] == benchmark_fingerprint("pope", copy)
+    assert run_file["prompt"]["format"] == "evaluation" and run_file["sampling"]["stop"] == []
+
+    cases = {
+        "another data root": ([f"data_root={data_root}", "limit=2"], r"data_root: \".*\" -> \""),
+        "another limit": ([f"data_root={copy}", "limit=3"], "limit: 2 -> 3"),
+    }
+    for what, (overrides, difference) in cases.items():
+        with pytest.raises(ValueError, match=difference) as error:
+            runner.run(compose_eval(tmp_path, [*common, *overrides]))
+        assert f"delete {Path(first.out_dir) / 'pope'}" in str(error.value), what
+    pope = copy / "POPE/data/test-00000-of-00001.parquet"
+    os.utime(pope, ns=(pope.stat().st_atime_ns, pope.stat().st_mtime_ns + 10**9))  # the file was rewritten
+    with pytest.raises(ValueError, match="files: added, removed or rewritten since: POPE/data/test-00000"):
+        runner.run(first)
+
+
+def test_the_default_folder_is_keyed_on_what_defines_the_predictions(tmp_path, data_root):
+    base = ["benchmarks=[pope]", f"data_root={data_root}"]
+    folders = {compose_eval(tmp_path, [*base, *extra]).out_dir for extra in (
+        [], ["limit=3"], [f"data_root={tmp_path}"], ["sampling.greedy=false"], ["dtype=bfloat16"],
+        ["tokenizer=/tok"], ["ckpt=/model"], ["model=vargpt_llava_7b"],
+    )}  # fmt: skip
+    assert len(folders) == 8
+    assert compose_eval(tmp_path, [*base, "faithful=false", "batch_size=2"]).out_dir in folders  # scoring, speed
+
+
+# --------------------------------------------------------------------------------------------- ckpt folders
+def test_a_run_folder_without_export_names_the_next_step(tmp_path):
+    run_dir = tmp_path / "runs" / "pretrain-tiny-1"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError) as error:
+        runner.run(compose_eval(tmp_path, [f"ckpt={run_dir}", "logger=none"]))
+    message = str(error.value)
+    assert f"ckpt={run_dir} is a training run folder without an export/ folder" in message
+    assert "Rerun the training command" in message and str(run_dir / "checkpoints" / "last.ckpt") in message
+    with pytest.raises(FileNotFoundError, match="neither an exported or released model folder"):
+        runner.run(compose_eval(tmp_path, [f"ckpt={tmp_path / 'runs'}", "logger=none"]))

@@ -10,6 +10,10 @@ lmms-eval builds it (pre/post prompts included, chat template not), the gold ans
 ``item.record(prediction)`` is the JSON-serialisable line of a predictions file, and :func:`score` turns a list of
 such records into the benchmark's metrics, in percent (MME in its own points), computed as lmms-eval does (see
 :mod:`vargpt.eval.vqa` and :mod:`vargpt.eval.metrics` for every quirk and the choices made).
+:func:`benchmark_fingerprint` identifies the files a benchmark was read from (``src/eval.py`` refuses to resume
+predictions made from other files). The model-side prompt (chat template, ``<image>``, BOS) is
+``vargpt.eval.runner.evaluation_context`` + ``model.generate(..., prompt_format="evaluation")``;
+docs/evaluation.md has the whole protocol per benchmark.
 
 Prompt quirks kept because they change what the model sees: TextVQA and VizWiz pass the question through
 ``str.capitalize()`` (which also lowercases the rest, "NASA" -> "nasa"); MMBench puts an empty line before its
@@ -50,7 +54,6 @@ VIZWIZ_SUFFIX = "\nWhen the provided information is insufficient, respond with '
 MME_INSTRUCTION = " Please answer yes or no."
 # lmms-eval's LLaVA-style model wrappers generate up to 1024 new tokens where a task sets no limit.
 DEFAULT_MAX_NEW_TOKENS = 1024
-STOP_ASSISTANT = ("ASSISTANT:",)
 
 
 class BenchmarkDataError(ValueError):
@@ -72,7 +75,11 @@ class ParquetSource:
 
 @dataclass(frozen=True)
 class BenchmarkSpec:
-    """Where a benchmark's files live, what they must contain, and lmms-eval's generation settings for it."""
+    """Where a benchmark's files live, what they must contain, and lmms-eval's generation length for it.
+
+    The task YAMLs of TextVQA, VizWiz, MMBench and SEED-Bench also set ``until: ["ASSISTANT:"]``; VARGPT's
+    lmms-eval wrapper (like ``llava_hf``) pops that setting and never uses it, so no stop string is kept here.
+    """
 
     name: str
     lmms_eval_task: str
@@ -80,7 +87,6 @@ class BenchmarkSpec:
     folder: str
     source: ParquetSource
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    stop: tuple[str, ...] = ()
     images: ParquetSource | None = None  # GQA keeps its images in a second table, joined on imageId
 
 
@@ -125,12 +131,10 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         BenchmarkSpec(
             "textvqa", "textvqa_val", "lmms-lab/textvqa", "textvqa",
             ParquetSource("data/validation-*.parquet", ("question_id", "question", "answers", _IMAGE)),
-            stop=STOP_ASSISTANT,
         ),
         BenchmarkSpec(
             "vizwiz", "vizwiz_vqa_val", "lmms-lab/VizWiz-VQA", "VizWiz-VQA",
             ParquetSource("data/val-*.parquet", ("question_id", "question", "answers", _IMAGE)),
-            stop=STOP_ASSISTANT,
         ),
         BenchmarkSpec(
             "scienceqa_img", "scienceqa_img", "lmms-lab/ScienceQA", "ScienceQA",
@@ -154,7 +158,6 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
                 ("index", "question", "hint", "answer", "A", "B", "C", "D", "category", _IMAGE),
                 optional=("E",),
             ),
-            stop=STOP_ASSISTANT,
         ),
         BenchmarkSpec(
             "seedbench", "seedbench", "lmms-lab/SEED-Bench", "SEED-Bench",
@@ -163,7 +166,6 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
                 ("question_id", "question", "choice_a", "choice_b", "choice_c", "choice_d", "answer", "data_type",
                  _IMAGE),
             ),
-            stop=STOP_ASSISTANT,
         ),
         BenchmarkSpec(
             "mmmu", "mmmu_val", "lmms-lab/MMMU", "MMMU",
@@ -446,6 +448,18 @@ def read_benchmark(benchmark: str, data_root: str | Path, limit: int | None = No
     return items()
 
 
+def benchmark_fingerprint(benchmark: str, data_root: str | Path) -> dict[str, list[int]]:
+    """``{file: [size in bytes, mtime in ns]}`` of the parquet files :func:`read_benchmark` reads (paths relative
+    to ``data_root``): cheap, and any rewrite, replacement or new shard changes it (image files that a parquet
+    file only references by path are not listed). Missing files raise as in :func:`read_benchmark`."""
+    spec = get_spec(benchmark)
+    folder = Path(data_root) / spec.folder
+    sources = [spec.source, *([spec.images] if spec.images else [])]
+    files = [path for source in sources for path in _source_files(spec, folder, source)]
+    stats = {path.relative_to(Path(data_root)).as_posix(): path.stat() for path in files}
+    return {name: [stat.st_size, stat.st_mtime_ns] for name, stat in stats.items()}
+
+
 # ------------------------------------------------------------------------------------------------------- scoring
 
 
@@ -475,8 +489,9 @@ def _score_scienceqa(records: Sequence[Mapping[str, Any]], faithful: bool) -> di
 
 
 def _score_pope(records: Sequence[Mapping[str, Any]], faithful: bool) -> dict[str, float]:
-    """Overall POPE metrics (what lmms-eval's ``pope`` task reports) and the same per category
-    (adversarial / popular / random; VARGPT reports adversarial accuracy)."""
+    """Overall POPE metrics (lmms-eval's ``pope`` task's, plus ``predicted_yes_ratio``: see
+    :func:`~vargpt.eval.metrics.pope_metrics`) and the same per category (adversarial / popular / random; VARGPT
+    reports adversarial accuracy), in percent."""
     groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list, {"": []})
     for record in records:
         groups[""].append(record)
@@ -542,10 +557,11 @@ _SCORERS: dict[str, Callable[[Sequence[Mapping[str, Any]], bool], dict[str, floa
 def score(benchmark: str, predictions: Sequence[Mapping[str, Any]], faithful: bool = True) -> dict[str, float]:
     """Metrics of a benchmark from prediction records (``item.record(prediction)`` dicts, e.g. a JSONL file's lines).
 
-    Returns a flat ``{name: value}`` dict, with ``"n"`` the number of records scored. Accuracies and POPE's
-    precision/recall/F1/yes-ratios are percentages; MME's ``perception`` / ``cognition`` are its points (sums of
-    per-category ``acc + acc_plus``). ``faithful=False`` repairs the lmms-eval bugs that have a repaired variant
-    (ScienceQA's dead "A." fallback, MMMU's random answer for unparsable multiple-choice responses).
+    Returns a flat ``{name: value}`` dict, with ``"n"`` the number of records scored. Every figure is a percentage
+    (lmms-eval reports most as fractions in [0, 1]: ours are 100 times theirs), except MME's ``perception`` /
+    ``cognition``, which are its points (sums of per-category ``acc + acc_plus``) as in lmms-eval.
+    ``faithful=False`` repairs the lmms-eval bugs that have a repaired variant (ScienceQA's dead "A." fallback,
+    MMMU's random answer for unparsable multiple-choice responses).
     """
     scores = _SCORERS[get_spec(benchmark).name](predictions, faithful)
     return {"n": float(len(predictions)), **scores}

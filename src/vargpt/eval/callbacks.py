@@ -8,7 +8,8 @@ Every ``every_n_steps`` optimizer steps and at the end of training, on a fixed, 
   CLIP judge is configured (``clip: {arch, weights, model_cfg}``);
 * for the shapes world, the validated judge's colour / shape / both accuracy on those images;
 * VQA accuracy on a fixed question subset: the shapes world's held-out questions, or the first questions of a
-  benchmark's local files (``vqa_source: pope``, ``data_root``), scored as ``src/eval.py`` scores it.
+  benchmark's local files (``vqa_source: pope``, ``data_root``), asked and scored as ``src/eval.py`` does
+  (lmms-eval's prompt: docs/evaluation.md), answers capped at ``vqa_max_new_tokens``.
 
 Metrics land in the trainer's loggers under ``eval/`` at the current step, with ``eval/seconds`` (time spent).
 
@@ -17,8 +18,9 @@ gathers the records and images, scores and logs. Under DDP each rank holds the w
 independently. Under FSDP (parameters sharded) every forward is a collective, so all ranks must make the same
 forward calls: the root's parameters are gathered for the evaluation (``unshard``), images are forced at the
 start of each reply (one image group, no text), and answers run for exactly ``vqa_max_new_tokens`` steps with
-end-of-sequence masked, each answer cut where the model would have ended it (prompts must leave that many
-positions free in the LLM's context, else a row would end early and the ranks would fall out of step).
+end-of-sequence masked, each answer cut where the model would have ended it (shapes prompts must leave that many
+positions free in the LLM's context, else a row would end early and the ranks would fall out of step; benchmark
+prompts run past the limit, as in ``src/eval.py``).
 
 Enable it with ``python src/train.py callbacks=eval`` (``conf/callbacks/eval.yaml``: the default callbacks plus
 this one under ``callbacks.extra.eval``).
@@ -254,33 +256,37 @@ class EvalCallback(Callback):
 
     # ------------------------------------------------------------------ generation
     def _answer(self, model: Any, shares: list[tuple[int, Any]], lockstep: bool) -> list[tuple[int, dict]]:
-        from vargpt.eval.runner import benchmark_sampling, user_turn
-        from vargpt.model.sampling_config import SamplingConfig
+        """(index, record) per question. A benchmark's questions are asked as ``src/eval.py`` asks them
+        (``runner.answer_items``: lmms-eval's one-string prompt, its settings, the answer after the last marker);
+        the shapes world's in the training template its model learnt."""
+        from vargpt.eval.runner import answer_items, answer_marker, benchmark_sampling, extract_answer
 
-        if self.vqa_source == SHAPES:
+        shapes = self.vqa_source == SHAPES
+        if shapes:
             sampling = se.vqa_sampling(self.vqa_max_new_tokens)
         else:  # the benchmark's settings, answers capped at vqa_max_new_tokens (a quick signal, not the score)
             sampling = benchmark_sampling(self.vqa_source, max_new_tokens=self.vqa_max_new_tokens)
-            if lockstep:  # fixed length: stop strings would end rows at different steps
-                sampling = SamplingConfig.coerce(sampling, stop=[])
+        marker = answer_marker(model.tokenizer)
         results = []
         for batch in se.batched(shares, self.batch_size):
             items = [item for _, item in batch]
-            prompts = [item.prompt if self.vqa_source == SHAPES else user_turn(item) for item in items]
             recorder = _EOSRecorder(model.ids.eos, len(items)) if lockstep else None
-            images = [item.images for item in items]
-            outputs = model.generate(prompts, images, sampling=sampling, logits_processor=recorder)
+            if shapes:
+                prompts, images = [item.prompt for item in items], [item.images for item in items]
+                outputs = model.generate(prompts, images, sampling=sampling, logits_processor=recorder)
+            else:
+                outputs = answer_items(model, items, sampling, logits_processor=recorder)
             for j, ((index, item), out) in enumerate(zip(batch, outputs, strict=True)):
                 text = out.text
                 if recorder is not None:
                     end = recorder.ends[j]
                     text = model.tokenizer.decode(out.token_ids[:end], skip_special_tokens=True)
-                prediction = text.strip()
-                if self.vqa_source == SHAPES:
+                if shapes:
+                    prediction = text.strip()
                     correct = float(normalize_answer(prediction) == normalize_answer(item.answer))
                     record = item.record(prediction=prediction, correct=correct)
                 else:
-                    record = item.record(prediction)
+                    record = item.record(extract_answer(text, marker))
                 results.append((index, record))
         return results
 

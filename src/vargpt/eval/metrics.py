@@ -64,11 +64,12 @@ def scienceqa_correct(prediction: str, target: str, faithful: bool = True) -> fl
 
 
 def seedbench_correct(prediction: str, answer: str) -> float:
-    """SEED-Bench: the first character of the stripped prediction must equal the answer letter (case-sensitive).
+    """SEED-Bench: the first character of the stripped prediction must equal the answer letter, both lowercased
+    and stripped (lmms-eval's ``seed_process_result`` and ``seed_aggregation_result``).
 
-    Faithful; note that "The answer is A" therefore scores 0 and so does a lowercase "a".
+    Faithful; note that "The answer is A" therefore scores 0 (its first letter is "T"), while "a" scores 1.
     """
-    return float(prediction.strip()[:1] == answer)
+    return float(prediction.strip()[:1].lower() == answer.lower().strip())
 
 
 def _count_tokens(tokens: Sequence[str], letters: str, prefix: str = "", suffix: str = "") -> int:
@@ -236,17 +237,21 @@ def mmmu_open_correct(answer: str, parsed: Sequence[str | float]) -> float:
 # --------------------------------------------------------------------------------------------------------- POPE
 
 
+POPE_METRICS = ("pope_accuracy", "pope_precision", "pope_recall", "pope_f1_score", "pope_yes_ratio")
+PREDICTED_YES_RATIO = "predicted_yes_ratio"
+
+
 def pope_metrics(predictions: Sequence[str], answers: Sequence[str]) -> dict[str, float]:
-    """POPE accuracy, precision, recall, F1 and yes-ratio (all in [0, 1]) as lmms-eval computes them.
+    """POPE's metrics (all in [0, 1]) under lmms-eval's names and with its meanings, plus one of our own.
 
     A prediction counts only if ``pred.lower().strip()`` is exactly "yes" or "no" ("Yes." is wrong). Faithful
     quirks: an answer that is neither counts as wrong for accuracy but is neither a false positive nor a false
     negative, so it does not lower precision or recall. Precision/recall/F1 with a zero denominator are 0, and so is
     every metric of an empty input.
 
-    ``yes_ratio`` is the share of *predictions* that are "yes", as the POPE paper defines it (a bias indicator).
-    lmms-eval's ``pope_yes_ratio`` is the share of yes in the *ground truth* (always 0.5 on POPE); it is reported as
-    ``gt_yes_ratio`` so that both numbers are available.
+    ``pope_accuracy``, ``pope_precision``, ``pope_recall``, ``pope_f1_score`` and ``pope_yes_ratio`` are lmms-eval's:
+    ``pope_yes_ratio`` is the share of "yes" in the *ground truth* (0.5 on the POPE files). Ours,
+    ``predicted_yes_ratio``, is the share of *predictions* that are "yes", the POPE paper's bias indicator.
     """
     if len(predictions) != len(answers):
         raise ValueError(f"{len(predictions)} predictions for {len(answers)} answers")
@@ -256,7 +261,7 @@ def pope_metrics(predictions: Sequence[str], answers: Sequence[str]) -> dict[str
         raise ValueError(f"POPE answers must be yes or no, got {bad}")
     n = len(gts)
     if n == 0:
-        return dict.fromkeys(("accuracy", "precision", "recall", "f1", "yes_ratio", "gt_yes_ratio"), 0.0)
+        return dict.fromkeys((*POPE_METRICS, PREDICTED_YES_RATIO), 0.0)
     pairs = list(zip(preds, gts, strict=True))
     tp = sum(p == "yes" and g == "yes" for p, g in pairs)
     fp = sum(p == "yes" and g == "no" for p, g in pairs)
@@ -264,12 +269,12 @@ def pope_metrics(predictions: Sequence[str], answers: Sequence[str]) -> dict[str
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     return {
-        "accuracy": sum(p == g for p, g in pairs) / n,
-        "precision": precision,
-        "recall": recall,
-        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-        "yes_ratio": preds.count("yes") / n,
-        "gt_yes_ratio": gts.count("yes") / n,
+        "pope_accuracy": sum(p == g for p, g in pairs) / n,
+        "pope_precision": precision,
+        "pope_recall": recall,
+        "pope_f1_score": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "pope_yes_ratio": gts.count("yes") / n,
+        PREDICTED_YES_RATIO: preds.count("yes") / n,
     }
 
 

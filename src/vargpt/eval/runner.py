@@ -1,22 +1,31 @@
 """The benchmark runner behind ``src/eval.py``: load a model, answer benchmarks in batches, write, score, log.
 
 For each benchmark, ``<out_dir>/<benchmark>/`` receives ``predictions.jsonl`` (one ``item.record(prediction)``
-line per question, appended batch by batch and flushed) and ``scores.json`` (``benchmarks.score`` plus the
-throughput of this session). A rerun of the same command resumes: the ids already in the predictions file are
-skipped (a line cut short by a crash is dropped), and ``run.json`` next to it refuses to mix predictions of
-another checkpoint or other generation settings. Scores go to MLflow (one run per output folder, continued on
-resume, params = the resolved config) with the files as artifacts, and a table is printed.
+line per question, with the prompt and answer lengths in tokens, appended batch by batch and flushed) and
+``scores.json`` (``benchmarks.score``, ``errors``, ``over_position_limit`` and the throughput of this session).
+A rerun of the same command resumes: the ids already in the predictions file are skipped (a line cut short by a
+crash is dropped). The output folder's name hashes the settings that define the predictions (conf/eval.yaml
+``run_name``), and ``run.json`` in each benchmark folder records them all (checkpoint, model, tokenizer, dtype,
+data root, the benchmark files' fingerprint, limit, sampling, prompt format): predictions made with any other
+value are never resumed or scored; the run stops and names what differs. Scores go to MLflow (one run per output
+folder, continued on resume, params = the resolved config) with the files as artifacts, and a table is printed.
 
 ``shapes`` (no data needed) is the shapes world's held-out split (:mod:`vargpt.eval.shapes_eval`):
 ``vqa_predictions.jsonl``, ``t2i_predictions.jsonl`` with the generated images under ``images/``, and both
 scores (VQA accuracy; the judge's colour / shape / both accuracy; CLIP score matched vs shuffled when a CLIP
 judge is configured).
 
-Generation is ``model.generate`` (batched, KV-cached, left-padded) with the benchmark's lmms-eval settings
-(``max_new_tokens``, stop strings), greedy text and no image allowed. The user turn is one ``<image>`` line per
-image followed by lmms-eval's prompt (LLaVA's layout). A batch whose prompts do not fit the model (e.g. many
-video frames for a short context) is retried one item at a time; an item that still fails gets an empty
-prediction with an ``error`` field and is counted in ``errors``.
+Benchmark questions are asked as lmms-eval's VARGPT wrapper asks them (docs/evaluation.md): the task's prompt
+with ``<image>`` tokens (space-separated, one per visual) and a newline put first when it holds none
+(:func:`evaluation_context`), rendered as ONE string by the Vicuna v1 template with the system prompt (or the
+tokenizer's own chat template), image tokens expanded, encoded with BOS (``model.generate(...,
+prompt_format="evaluation")``). Generation is batched, KV-cached and left-padded, greedy by default, with the
+task's ``max_new_tokens`` and no stop string (the wrapper drops the tasks' ``until``); the answer is the reply
+after its last ``ASSISTANT:`` (:func:`extract_answer`), stripped. As in the wrapper, a prompt longer than the
+LLM's position limit is run, not refused; the rows whose prompt and answer exceed the limit are counted in
+``over_position_limit``. A batch that raises is retried one item at a time; an item that still fails gets an
+empty prediction with an ``error`` field and is counted in ``errors``. The training-time callback
+(:mod:`vargpt.eval.callbacks`) asks its benchmark questions through the same :func:`answer_items`.
 """
 
 from __future__ import annotations
@@ -31,8 +40,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vargpt.eval.benchmarks import BENCHMARKS, BenchmarkItem, get_spec, read_benchmark, score
+from vargpt.checkpoint.released import MODEL_CONFIG_FILE
+from vargpt.data.chat import SYSTEM_PROMPT
+from vargpt.eval.benchmarks import BENCHMARKS, BenchmarkItem, benchmark_fingerprint, get_spec, read_benchmark, score
+from vargpt.model.generation import GenerationOutput
 from vargpt.model.sampling_config import SamplingConfig
+from vargpt.model.tokens import IMAGE_PLACEHOLDER
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +60,7 @@ HEADLINE: dict[str, tuple[str, ...]] = {
     "textvqa": ("accuracy",),
     "vizwiz": ("accuracy",),
     "scienceqa_img": ("accuracy",),
-    "pope": ("adversarial/accuracy", "accuracy", "f1", "yes_ratio"),
+    "pope": ("adversarial/pope_accuracy", "pope_accuracy", "pope_f1_score", "predicted_yes_ratio"),
     "mme": ("perception", "cognition"),
     "mmbench": ("accuracy",),
     "seedbench": ("image/accuracy", "all/accuracy"),
@@ -55,6 +68,10 @@ HEADLINE: dict[str, tuple[str, ...]] = {
     SHAPES: ("vqa/accuracy", "t2i/both", "t2i/colour", "t2i/shape", "t2i/image_rate", "t2i/reply_objects",
              "t2i/both_when_reply_right", "t2i/clip_matched", "t2i/clip_shuffled", "vqvae/psnr"),
 }  # fmt: skip
+# Counts the table shows under the headline figures whenever they are not 0.
+WARNING_COUNTS = ("errors", "over_position_limit")
+# The answer markers lmms-eval's LLaVA-style wrappers split the decoded output at, by chat template.
+ANSWER_MARKERS = ("ASSISTANT:", "<|assistant|>", "[/INST]")
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -97,6 +114,7 @@ def load_model(cfg: DictConfig, out_dir: Path) -> tuple[torch.nn.Module, str]:
     if ckpt is not None and ckpt.is_dir() and (ckpt / "export").is_dir():
         ckpt = ckpt / "export"  # a training run folder
     if ckpt is not None and ckpt.is_dir():
+        check_model_folder(ckpt)
         model, _ = build_from_folder(ckpt)
         model.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         if model.tokenizer is None:
@@ -119,6 +137,27 @@ def load_model(cfg: DictConfig, out_dir: Path) -> tuple[torch.nn.Module, str]:
     model = build_vargpt(model_cfg, tokenizer)
     load_weights(model, ckpt, strict=True)
     return model, f"{model_cfg.name} weights from {ckpt}"
+
+
+def check_model_folder(folder: Path) -> None:
+    """Refuse a ``ckpt`` folder that holds no model (no ``model_config.yaml``, no ``config.json``), naming the next
+    step: a training run folder whose export is missing (its training stopped before the export, or the export
+    was deleted), or an unknown folder."""
+    if (folder / MODEL_CONFIG_FILE).is_file() or (folder / "config.json").is_file():
+        return
+    if (folder / "checkpoints").is_dir():
+        checkpoints = sorted((folder / "checkpoints").glob("*.ckpt"), key=lambda path: path.stat().st_mtime)
+        files = f" (newest: {checkpoints[-1]})" if checkpoints else " (it holds no .ckpt file)"
+        raise FileNotFoundError(
+            f"ckpt={folder} is a training run folder without an export/ folder: its training has not finished "
+            f"exporting. Rerun the training command of this run to finish it (it writes {folder / 'export'}), or "
+            f"evaluate a checkpoint file of {folder / 'checkpoints'}{files} with ckpt=<that file> and the run's "
+            "model=<model config>"
+        )
+    raise FileNotFoundError(
+        f"ckpt={folder} is neither an exported or released model folder ({MODEL_CONFIG_FILE} or config.json) nor a "
+        "training run folder (export/): pass one of those, or a checkpoint file"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -154,48 +193,124 @@ def append_records(path: Path, records: Iterable[Mapping[str, Any]]) -> int:
     return n
 
 
+def _differences(previous: Mapping[str, Any], settings: Mapping[str, Any]) -> list[str]:
+    """One line per setting that differs: ``key: old -> new``; for the benchmark files, which ones changed."""
+    lines = []
+    for key in sorted(set(previous) | set(settings)):
+        old, new = previous.get(key), settings.get(key)
+        if old == new:
+            continue
+        if key == "files":  # {file: [size, mtime]}: name the files, not their numbers
+            old, new = old or {}, new or {}
+            changed = sorted(name for name in set(old) | set(new) if old.get(name) != new.get(name))
+            more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+            lines.append(f"  files: added, removed or rewritten since: {', '.join(changed[:5])}{more}")
+        else:
+            lines.append(f"  {key}: {json.dumps(old)} -> {json.dumps(new)}")
+    return lines
+
+
 def check_run_file(folder: Path, settings: Mapping[str, Any]) -> None:
-    """Write ``run.json`` with what produced the predictions; refuse to resume with different settings."""
+    """Write ``run.json`` with what defines the predictions; refuse to resume predictions made otherwise.
+
+    Raises:
+        ValueError: the folder holds predictions and its ``run.json`` (or its absence) differs from ``settings``;
+            the message lists every difference and the two ways out.
+    """
     path = folder / RUN_FILE
     settings = json.loads(json.dumps(settings))  # normalise tuples etc.
-    if path.is_file():
-        previous = json.loads(path.read_text())
-        if previous != settings and any(folder.glob("*.jsonl")):
-            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+    if any(folder.glob("*.jsonl")):
+        previous = json.loads(path.read_text()) if path.is_file() else {}
+        if previous != settings:
             raise ValueError(
-                f"{folder} holds predictions made with other settings ({', '.join(changed)}: {previous} vs "
-                f"{settings}); use another out_dir or delete the folder to start over"
+                f"{folder} holds predictions made with other settings ({path}):\n"
+                + "\n".join(_differences(previous, settings))
+                + f"\nThey are not resumed or scored. Use another out_dir (or run_name), or delete {folder} to "
+                "start this benchmark over."
             )
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings, indent=2))
 
 
 # ------------------------------------------------------------------------------------------------ benchmarks
-def user_turn(item: BenchmarkItem) -> str:
-    """LLaVA's layout: one ``<image>`` line per image, then the question with lmms-eval's prompts."""
-    return "".join("<image>\n" for _ in item.images) + item.prompt
+def evaluation_context(item: BenchmarkItem) -> str:
+    """lmms-eval's context for the model (VARGPT wrapper): the task's prompt, with one ``<image>`` per visual,
+    space-separated, and a newline put first when the prompt holds no ``<image>`` (it never does in our ten
+    tasks; MMMU's ``<image 1>`` is not one)."""
+    if IMAGE_PLACEHOLDER in item.prompt:
+        return item.prompt
+    return " ".join([IMAGE_PLACEHOLDER] * len(item.images)) + "\n" + item.prompt
+
+
+def answer_marker(tokenizer: Any) -> str:
+    """The marker the wrapper splits its decoded output at: the first of :data:`ANSWER_MARKERS` in the chat
+    template in use (the tokenizer's, else the Vicuna template, which holds ``ASSISTANT:``)."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return next((marker for marker in ANSWER_MARKERS if marker in template), ANSWER_MARKERS[0])
+
+
+def extract_answer(reply: str, marker: str) -> str:
+    """The wrapper's answer: the text after the last ``marker``, stripped. Its decoded output holds the prompt,
+    which ends with the marker, so a reply without one is kept whole."""
+    return reply.split(marker)[-1].strip()
+
+
+def evaluation_prompt_settings(model: Any) -> dict[str, Any]:
+    """The prompt settings :func:`answer_items` uses with this model's tokenizer (recorded in ``run.json``)."""
+    template = getattr(model.tokenizer, "chat_template", None)
+    return {
+        "format": "evaluation",
+        "template": template or "vicuna_v1",
+        "system": None if template else SYSTEM_PROMPT,
+        "answer_marker": answer_marker(model.tokenizer),
+        "past_max_positions": True,
+    }
+
+
+def answer_items(
+    model: Any, items: Sequence[BenchmarkItem], sampling: SamplingConfig, logits_processor: Any = None
+) -> list[GenerationOutput]:
+    """The model's replies to benchmark questions, asked as lmms-eval's VARGPT wrapper asks them (see the module
+    docstring); take the answers with :func:`extract_answer`."""
+    return model.generate(
+        [evaluation_context(item) for item in items],
+        [item.images for item in items],
+        sampling=sampling,
+        prompt_format="evaluation",
+        past_max_positions=True,
+        logits_processor=logits_processor,
+    )
 
 
 def benchmark_sampling(benchmark: str, base: Any = None, max_new_tokens: int | None = None) -> SamplingConfig:
     """``base`` (greedy by default) with the benchmark's lmms-eval length (capped at ``max_new_tokens`` when
-    given) and stop strings, and no images."""
+    given), no stop string (the wrapper drops the tasks' ``until``) and no images."""
     spec = get_spec(benchmark)
     length = spec.max_new_tokens if max_new_tokens is None else min(spec.max_new_tokens, int(max_new_tokens))
-    return SamplingConfig.coerce(base, max_new_tokens=length, stop=list(spec.stop), max_images=0)
+    return SamplingConfig.coerce(base, max_new_tokens=length, stop=[], max_images=0)
 
 
-def _generate_texts(
-    model: Any, items: Sequence[BenchmarkItem], sampling: SamplingConfig
-) -> list[tuple[str, str | None]]:
-    """(prediction, error) per item: the batch at once, else item by item when the batch fails."""
+def _answer_records(model: Any, items: Sequence[BenchmarkItem], sampling: SamplingConfig) -> list[dict[str, Any]]:
+    """Prediction records of a batch, with the prompt and answer lengths in tokens and whether they ran past the
+    LLM's position limit; item by item when the batch raises, an item that still raises gets an ``error``."""
     try:
-        outputs = model.generate([user_turn(i) for i in items], [i.images for i in items], sampling=sampling)
-        return [(out.text.strip(), None) for out in outputs]
+        outputs = answer_items(model, items, sampling)
     except ValueError as exc:
-        if len(items) == 1:
-            log.warning("item %s failed: %s", items[0].id, exc)
-            return [("", str(exc))]
-    return [result for item in items for result in _generate_texts(model, [item], sampling)]
+        if len(items) > 1:
+            return [record for item in items for record in _answer_records(model, [item], sampling)]
+        log.warning("item %s failed: %s", items[0].id, exc)
+        return [{**items[0].record(""), "error": str(exc)}]
+    marker, limit = answer_marker(model.tokenizer), int(model.cfg.llm.max_position_embeddings)
+    records = []
+    for item, out in zip(items, outputs, strict=True):
+        prompt_tokens, answer_tokens = len(out.prompt_ids), len(out.token_ids)
+        records.append({
+            **item.record(extract_answer(out.text, marker)),
+            "prompt_tokens": prompt_tokens,
+            "answer_tokens": answer_tokens,
+            "over_position_limit": prompt_tokens + answer_tokens > limit,
+        })  # fmt: skip
+    return records
 
 
 def predict(
@@ -203,26 +318,15 @@ def predict(
 ) -> Iterator[list[dict[str, Any]]]:
     """Prediction records, one list per batch, of the items not in ``skip``."""
     batch: list[BenchmarkItem] = []
-
-    def flush() -> list[dict[str, Any]]:
-        results = _generate_texts(model, batch, sampling)
-        records = []
-        for item, (prediction, error) in zip(batch, results, strict=True):
-            record = item.record(prediction)
-            if error is not None:
-                record["error"] = error
-            records.append(record)
-        return records
-
     for item in items:
         if item.id in skip:
             continue
         batch.append(item)
         if len(batch) == batch_size:
-            yield flush()
+            yield _answer_records(model, batch, sampling)
             batch = []
     if batch:
-        yield flush()
+        yield _answer_records(model, batch, sampling)
 
 
 def run_benchmark(
@@ -239,11 +343,24 @@ def run_benchmark(
     settings: Mapping[str, Any] | None = None,
     progress: Callable[[str], None] = log.info,
 ) -> dict[str, float]:
-    """Answer (or finish answering) one benchmark, write its predictions and scores; returns the scores."""
+    """Answer (or finish answering) one benchmark, write its predictions and scores; returns the scores.
+
+    ``run.json`` records ``settings`` (the model's) and everything else that defines the predictions: the
+    benchmark, the data root, the fingerprint of its files, ``limit``, the sampling and the prompt settings.
+    """
     items = read_benchmark(benchmark, data_root, limit)  # checks files and columns now
     folder = out_dir / benchmark
     cfg = benchmark_sampling(benchmark, sampling, max_new_tokens)
-    check_run_file(folder, {**(settings or {}), "benchmark": benchmark, "sampling": cfg.to_dict()})
+    run = {
+        **(settings or {}),
+        "benchmark": benchmark,
+        "data_root": str(Path(data_root).expanduser().resolve()),
+        "files": benchmark_fingerprint(benchmark, data_root),
+        "limit": limit,
+        "sampling": cfg.to_dict(),
+        "prompt": evaluation_prompt_settings(model),
+    }
+    check_run_file(folder, run)
     path = folder / PREDICTIONS
     done = {r["id"] for r in read_predictions(path)}
     if done:
@@ -254,11 +371,15 @@ def run_benchmark(
         progress(f"{benchmark}: {len(done) + new} answered")
     seconds = time.perf_counter() - start
     records = read_predictions(path)
-    if limit is not None:  # a rerun with a smaller limit scores what it asked for
-        wanted = {item.id for item in read_benchmark(benchmark, data_root, limit)}
-        records = [r for r in records if r["id"] in wanted]
     scores = score(benchmark, records, faithful=faithful)
     scores["errors"] = float(sum("error" in r for r in records))
+    scores["over_position_limit"] = float(sum(bool(r.get("over_position_limit")) for r in records))
+    if scores["over_position_limit"]:
+        log.warning(
+            "%s: %d row(s) ran past the LLM's %d positions (run as lmms-eval runs them: rotary positions "
+            "extrapolate); see over_position_limit in %s",
+            benchmark, scores["over_position_limit"], model.cfg.llm.max_position_embeddings, path,
+        )  # fmt: skip
     if new:
         scores["questions_per_s"] = new / seconds
     (folder / SCORES).write_text(json.dumps(scores, indent=2))
@@ -367,7 +488,8 @@ def benchmark_names(value: Any) -> list[str]:
 
 
 def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
-    """The headline figures of each benchmark as an aligned table."""
+    """The headline figures of each benchmark as an aligned table, then its :data:`WARNING_COUNTS` that are not
+    0 (rows with an error, rows past the LLM's position limit)."""
     rows = [("benchmark", "metric", "value", "n")]
     for benchmark, scores in results.items():
         for metric in HEADLINE.get(benchmark, ()):
@@ -375,6 +497,9 @@ def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
                 # A shapes metric counts its own part (vqa/n, t2i/n); a benchmark has one n.
                 n = scores.get(f"{metric.split('/')[0]}/n", scores.get("n", float("nan")))
                 rows.append((benchmark, metric, f"{scores[metric]:.2f}", f"{int(n)}" if n == n else ""))
+        for count in WARNING_COUNTS:
+            if scores.get(count):
+                rows.append((benchmark, count, f"{int(scores[count])}", f"{int(scores['n'])}"))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths,
              strict=True))) for row in rows]  # fmt: skip
@@ -411,7 +536,13 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, dict[str, f
     clip = _clip_judge(cfg) if SHAPES in names else None
     if clip is not None:
         clip.model.to(next(model.parameters()).device)
-    settings = {"ckpt": None if cfg.ckpt is None else str(cfg.ckpt), "model": what, "dtype": str(cfg.dtype)}
+    settings = {
+        "ckpt": None if cfg.ckpt is None else str(Path(str(cfg.ckpt)).expanduser().resolve()),
+        "model": what,
+        "tokenizer": None if cfg.get("tokenizer") is None else str(cfg.tokenizer),
+        "seed": int(cfg.get("seed", 0)) if cfg.ckpt is None else None,  # the random model's
+        "dtype": str(cfg.dtype),
+    }
     log.info("evaluating %s on %s -> %s", what, ", ".join(names), out_dir)
 
     tags = {"kind": "eval", "model": what, "benchmarks": ",".join(names)}
