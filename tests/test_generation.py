@@ -7,10 +7,12 @@ or by a logits processor that biases the start token at a chosen step.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
+from llama_tokenizer import llama_style_tokenizer
 from PIL import Image
 
 from vargpt.data.chat import tokenize_conversation
@@ -373,6 +375,68 @@ def test_understanding_image_changes_the_answer(model):
     assert outs[0].token_ids != outs[1].token_ids or outs[0].text != outs[1].text
 
 
+# --------------------------------------------------------------------------------------------- prompt formats
+# The release's system prompt, written out (not imported) so that a drift of the shared constant shows here.
+SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions."
+)
+
+
+@pytest.fixture(scope="module")
+def llama_model():
+    """The tiny model with the Llama-style (whitespace-sensitive, BOS-adding) tokenizer."""
+    torch.manual_seed(0)
+    return build_vargpt(load_model_config(CONF / "tiny.yaml"), llama_style_tokenizer()).eval()
+
+
+def test_evaluation_format_is_one_string_with_bos(llama_model):
+    """lmms-eval's prompt: the Vicuna string, the image tokens expanded in it, one tokenizer call with BOS; the
+    training format stays element-wise without BOS. A tokenizer's own chat template replaces the Vicuna one."""
+    tok, n = llama_model.tokenizer, llama_model.num_image_tokens
+    red, blue = Image.new("RGB", (9, 7), "red"), Image.new("RGB", (5, 8), "blue")
+    question = "<image> <image>\nWhat is in the image?"
+    (out,) = generate(llama_model, question, [red, blue], sampling=dict(max_new_tokens=1), prompt_format="evaluation")
+    image = "<image>" * n
+    expected = tok(f"{SYSTEM} USER: {image} {image}\nWhat is in the image? ASSISTANT:")["input_ids"]
+    assert out.prompt_ids == expected and expected[0] == tok.bos_token_id
+    (train,) = generate(llama_model, question, [red, blue], sampling=dict(max_new_tokens=1))
+    assert train.prompt_ids[0] != tok.bos_token_id and train.prompt_ids.count(llama_model.ids.image) == 2 * n
+
+    templated = copy.deepcopy(tok)
+    templated.chat_template = "{% for m in messages %}[Q] {{ m['content'] }}{% endfor %}[A]"
+    (own,) = generate(
+        llama_model, "<image>\nWhat?", [red], sampling=dict(max_new_tokens=1), prompt_format="evaluation",
+        tokenizer=templated,
+    )  # fmt: skip
+    assert own.prompt_ids == tok(f"[Q] {image}\nWhat?[A]")["input_ids"]
+
+
+def test_evaluation_format_refuses_what_it_cannot_express(llama_model):
+    img = Image.new("RGB", (4, 4))
+    two_turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello <image_gen>"},
+                 {"role": "user", "content": "<image>\nAnd now?"}]  # fmt: skip
+    with pytest.raises(ValueError, match=r"conversation 0: .*one user turn.*\['user', 'assistant', 'user'\]"):
+        generate(llama_model, [two_turns], [[torch.zeros(3, 64, 64), img]], prompt_format="evaluation")
+    with pytest.raises(ValueError, match=r"64 image tokens \(64 expected.*and 1 image-generation tokens"):
+        generate(llama_model, "<image><|image_gen_start|>", [img], prompt_format="evaluation")
+    with pytest.raises(ValueError, match="prompt_format='lmms'"):
+        generate(llama_model, "Hi", prompt_format="lmms")
+
+
+def test_past_max_positions_runs_a_prompt_longer_than_the_llm(model):
+    """9 images x 64 tokens > the tiny LLM's 512 positions: refused by default; run (and not cut at the limit)
+    with past_max_positions, as transformers' generate and so lmms-eval run it."""
+    limit = model.cfg.llm.max_position_embeddings
+    images = [Image.new("RGB", (8, 8), "red")] * 9
+    prompt = "<image>" * 9 + "How many?"
+    with pytest.raises(ValueError, match=f"the LLM holds {limit} positions.*past_max_positions=True"):
+        generate(model, prompt, images, sampling=dict(max_new_tokens=3))
+    (out,) = generate(model, prompt, images, sampling=dict(max_new_tokens=3), past_max_positions=True)
+    assert len(out.prompt_ids) > limit
+    assert len(out.token_ids) == 3 or out.finish_reason == "eos"
+
+
 # --------------------------------------------------------------------------------------------- errors
 def test_bad_inputs_give_clear_errors(model):
     S = model.cfg.vision.image_size
@@ -503,3 +567,10 @@ def test_bench_runs_and_counts_k_calls_per_image(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert out.count("\n    1  ") == 3 and out.count("\n    2  ") == 3  # three tables, two batch sizes each
     assert out.count(" 6/6 ") == 2  # one LLM and one VAR forward per scale, whatever the batch
+
+
+def test_an_input_path_that_is_not_an_image_is_named(model, tmp_path):
+    path = tmp_path / "notes.png"
+    path.write_bytes(b"plain text, not pixels")
+    with pytest.raises(ValueError, match=f"{path}: not an image PIL can read"):
+        model.generate(["<image>\nWhat is it?"], images=[[str(path)]])

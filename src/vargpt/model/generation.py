@@ -1,8 +1,17 @@
 """Batched, KV-cached mixed-modal generation: a reply may hold text, images and more text.
 
 ``generate(model, conversations, images, sampling)`` (also ``VARGPT.generate``) takes a batch of
-conversations, builds each prompt with the one chat template (``vargpt.data.chat``), left-pads them and
-decodes the assistant replies together (VARGPT-REFERENCE.md 2.3, 9.3, 9.6, 9.7):
+conversations, builds each prompt, left-pads them and decodes the assistant replies together
+(VARGPT-REFERENCE.md 2.3, 9.3, 9.6, 9.7). A prompt has one of two formats, as in the release (reference 3):
+
+* ``prompt_format="training"`` (default): the training template of ``vargpt.data.chat`` (elements encoded one
+  by one, no BOS), which is what the model was fine-tuned on;
+* ``prompt_format="evaluation"``: lmms-eval's VARGPT wrapper and the release's processor: ONE string, the
+  tokenizer's own chat template when it has one, else the Vicuna v1 template
+  ``{system} USER: {turn} ASSISTANT:``, every ``<image>`` expanded in the string to the image-token run, encoded
+  in one tokenizer call with the tokenizer's special tokens (BOS). One user turn, understanding images only.
+
+Decoding:
 
 * text: one LLM forward per step over the active rows, continuing the LLM's KV cache (HF ``DynamicCache``);
   greedy or temperature sampling; an ``<|image_gen_start|>`` sampled by the model (or forced by the caller)
@@ -36,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -47,10 +57,11 @@ from torch import nn
 
 from vargpt.model.sampling import cfg_ratio, filter_top_k_top_p
 from vargpt.model.sampling_config import SamplingConfig
-from vargpt.model.tokens import IMAGE_GEN_PLACEHOLDER
+from vargpt.model.tokens import IMAGE_GEN_PLACEHOLDER, IMAGE_PLACEHOLDER, IMAGE_TOKEN
 from vargpt.model.var_blocks import VARKVCache
 
 LogitsProcessor = Callable[[list[int], list[list[int]], torch.Tensor], torch.Tensor]
+PROMPT_FORMATS = ("training", "evaluation")
 
 
 # --------------------------------------------------------------------------------------------- results
@@ -66,6 +77,7 @@ class GenerationOutput:
     token_ids: list[int]  # the reply in the training layout: text, start, L x pad, end, text ..., eos
     finish_reason: str  # eos | stop | length
     seed: int
+    prompt_ids: list[int] = field(default_factory=list)  # the prompt as fed (image blocks expanded)
     image_logits: list[list[torch.Tensor]] | None = None  # per image, per scale (p_k^2, V) guided logits
 
 
@@ -127,6 +139,8 @@ def generate(
     return_image_logits: bool = False,
     return_pil: bool = True,
     stats: GenerationStats | None = None,
+    prompt_format: str = "training",
+    past_max_positions: bool = False,
 ) -> list[GenerationOutput]:
     """Generate the assistant's reply (text and images) for every conversation of a batch.
 
@@ -152,11 +166,18 @@ def generate(
         return_image_logits: keep each image's guided code logits per scale (CPU memory: L x V floats).
         return_pil: also convert the images to PIL.
         stats: a :class:`GenerationStats` to fill with counters (and timings if ``stats.timing``).
+        prompt_format: ``training`` (the chat template the model is trained on) or ``evaluation`` (lmms-eval's
+            one-string prompt with BOS, see the module docstring and :func:`evaluation_prompt_ids`).
+        past_max_positions: run past the LLM's ``max_position_embeddings`` as transformers' ``generate`` (and so
+            lmms-eval) does, rotary positions extrapolating: a longer prompt is run, not refused, and a reply is
+            not ended at the limit. False: a longer prompt raises and a reply ends ("length") at the limit.
 
     Returns:
         One :class:`GenerationOutput` per conversation, in order.
     """
     cfg = SamplingConfig.coerce(sampling)
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format={prompt_format!r}: expected one of {', '.join(PROMPT_FORMATS)}")
     tokenizer = model.tokenizer if tokenizer is None else tokenizer
     if tokenizer is None:
         raise ValueError("generate needs a tokenizer: build the model with one or pass tokenizer=...")
@@ -173,7 +194,8 @@ def generate(
     stats = GenerationStats() if stats is None else stats
     with _eval_mode(model):
         prompts = [
-            _prepare_prompt(model, tokenizer, messages, imgs, system, i) for i, (messages, imgs) in enumerate(convs)
+            _prepare_prompt(model, tokenizer, messages, imgs, system, i, prompt_format)
+            for i, (messages, imgs) in enumerate(convs)
         ]
         decoder = _MixedModalDecoder(
             model,
@@ -185,6 +207,7 @@ def generate(
             image_codes=image_codes,
             return_image_logits=return_image_logits,
             system=system,
+            past_max_positions=past_max_positions,
         )
         t0 = time.perf_counter()
         outputs = decoder.run(prompts, forced)
@@ -280,11 +303,80 @@ class _Prompt:
     gen_pixels: list[torch.Tensor]  # (3, R, R) in [-1, 1]
 
 
-def _prepare_prompt(
-    model: nn.Module, tokenizer: Any, messages: list[dict[str, str]], imgs: list, system: str | None, i: int
-) -> _Prompt:
-    """Tokenise one conversation with the generation prompt and preprocess its images (checked)."""
+def evaluation_prompt(messages: list[dict[str, str]], tokenizer: Any, system: str | None = None) -> str:
+    """lmms-eval's prompt string of one question (its VARGPT wrapper), placeholders not yet expanded.
+
+    The tokenizer's own chat template when it has one (applied to the user turn with the generation prompt, as
+    the wrapper does; ``system`` is then unused), else the wrapper's Vicuna v1 template
+    ``{system} USER: {turn} ASSISTANT:``.
+
+    Args:
+        messages: one user turn, optionally after a system turn (lmms-eval asks one question per prompt).
+        tokenizer: an HF tokenizer.
+        system: the Vicuna template's system text; None: the conversation's system turn, else the release's
+            :data:`vargpt.data.chat.SYSTEM_PROMPT` (lmms-eval's template hard-codes the same text).
+    """
+    from vargpt.data.chat import SYSTEM_PROMPT
+
+    turns = messages
+    if turns and turns[0]["role"] == "system":
+        system = turns[0]["content"] if system is None else system
+        turns = turns[1:]
+    if [turn["role"] for turn in turns] != ["user"]:
+        roles = [turn["role"] for turn in messages]
+        raise ValueError(f"the evaluation prompt format takes one user turn (one question), got the roles {roles}")
+    content = turns[0]["content"]
+    if getattr(tokenizer, "chat_template", None):
+        user = [{"role": "user", "content": content}]
+        return tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    system = SYSTEM_PROMPT if system is None else system
+    return f"{system} USER: {content} ASSISTANT:" if system else f"USER: {content} ASSISTANT:"
+
+
+def evaluation_prompt_ids(
+    messages: list[dict[str, str]], tokenizer: Any, num_image_tokens: int, system: str | None = None
+) -> list[int]:
+    """The ids of :func:`evaluation_prompt` as the release's processor makes them: every ``<image>`` replaced in
+    the string by ``num_image_tokens`` image tokens, then ONE tokenizer call with special tokens (BOS)."""
+    expanded = evaluation_prompt(messages, tokenizer, system).replace(IMAGE_PLACEHOLDER, IMAGE_TOKEN * num_image_tokens)
+    return tokenizer(expanded, add_special_tokens=True)["input_ids"]
+
+
+def _prompt_ids(
+    model: nn.Module, tokenizer: Any, messages: list[dict[str, str]], kinds: list[str], system: str | None,
+    prompt_format: str, where: str,
+) -> list[int]:  # fmt: skip
+    """The prompt ids in ``prompt_format`` (see :func:`generate`); an evaluation prompt is checked to hold exactly
+    one image block per ``<image>`` (its one user turn cannot hold an ``<image_gen>``)."""
     from vargpt.data.chat import tokenize_conversation
+
+    if prompt_format == "training":
+        return tokenize_conversation(
+            messages, tokenizer, model.ids, model.num_image_tokens, model.num_gen_tokens,
+            add_generation_prompt=True, system=system,
+        ).input_ids  # fmt: skip
+    try:
+        ids = evaluation_prompt_ids(messages, tokenizer, model.num_image_tokens, system)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    special = model.ids
+    found, wanted = ids.count(special.image), len(kinds) * model.num_image_tokens
+    found_gen = sum(token in (special.gen_start, special.gen_pad, special.gen_end) for token in ids)
+    # A tokenizer that splits '<image>', or an image special token in the question text, would misplace features.
+    if found != wanted or found_gen:
+        raise ValueError(
+            f"{where}: the evaluation prompt holds {found} image tokens ({wanted} expected for {len(kinds)} "
+            f"'<image>') and {found_gen} image-generation tokens (0 expected): the tokenizer must keep "
+            f"{IMAGE_TOKEN!r} as one special token, and the text must not contain image special tokens"
+        )
+    return ids
+
+
+def _prepare_prompt(
+    model: nn.Module, tokenizer: Any, messages: list[dict[str, str]], imgs: list, system: str | None, i: int,
+    prompt_format: str,
+) -> _Prompt:  # fmt: skip
+    """Tokenise one conversation with the generation prompt and preprocess its images (checked)."""
     from vargpt.data.records import IMAGE, placeholder_kinds
 
     try:
@@ -302,22 +394,14 @@ def _prepare_prompt(
             f"conversation {i} has {len(kinds)} image placeholder(s) ({n_und} '<image>', {n_gen} '<image_gen>') "
             f"but {len(imgs)} image(s) were given: {hint}"
         )
-    tok = tokenize_conversation(
-        messages,
-        tokenizer,
-        model.ids,
-        model.num_image_tokens,
-        model.num_gen_tokens,
-        add_generation_prompt=True,
-        system=system,
-    )
+    ids = _prompt_ids(model, tokenizer, messages, kinds, system, prompt_format, f"conversation {i}")
     und, gen = [], []
     for j, (kind, img) in enumerate(zip(kinds, imgs, strict=True)):
         if kind == IMAGE:
             und.append(_understanding_pixels(model, img, f"conversation {i}, image {j}"))
         else:
             gen.append(_generated_pixels(model, img, f"conversation {i}, image {j}"))
-    return _Prompt(ids=tok.input_ids, und_pixels=und, gen_pixels=gen)
+    return _Prompt(ids=ids, und_pixels=und, gen_pixels=gen)
 
 
 def _load_pil(img: Any, where: str) -> Any:
@@ -325,12 +409,9 @@ def _load_pil(img: Any, where: str) -> Any:
     from PIL import Image
 
     if isinstance(img, (str, Path)):
-        from vargpt.data.transforms import decode_image
+        from vargpt.data.transforms import read_image_file
 
-        path = Path(img)
-        if not path.is_file():
-            raise ValueError(f"{where}: no image file at {path}")
-        return decode_image(path.read_bytes())
+        return read_image_file(img, f"{where}: {img}")
     if isinstance(img, Image.Image):
         if img.mode != "RGB":
             raise ValueError(f"{where}: image mode is {img.mode!r}, expected 'RGB' (convert it: img.convert('RGB'))")
@@ -510,6 +591,7 @@ class _MixedModalDecoder:
         image_codes: Sequence[Sequence[torch.Tensor] | None] | None,
         return_image_logits: bool,
         system: str | None,
+        past_max_positions: bool,
     ) -> None:
         self.model, self.tokenizer, self.cfg, self.stats = model, tokenizer, cfg, stats
         self.ids = model.ids
@@ -520,7 +602,8 @@ class _MixedModalDecoder:
         self.device = self.embed.weight.device
         self.schedule = self.var.schedule
         self.K, self.L = self.schedule.num_scales, self.schedule.num_tokens
-        self.max_pos = int(model.cfg.llm.max_position_embeddings)
+        # The positions the decoder may use: the LLM's limit, or (past_max_positions) none, as transformers' generate.
+        self.max_pos = sys.maxsize if past_max_positions else int(model.cfg.llm.max_position_embeddings)
         self.ratios = [cfg_ratio(cfg.cfg, k, self.K, cfg.cfg_schedule) for k in range(self.K)]
         self.guided = cfg.uncond != "none" and cfg.cfg > 0
         self.logits_processor = logits_processor
@@ -562,7 +645,10 @@ class _MixedModalDecoder:
         """Left-padded prompts through the LLM: last-position logits (B, V) and the state."""
         B, T = len(prompts), max(len(p.ids) for p in prompts)
         if self.max_pos <= T:
-            raise ValueError(f"a prompt has {T} tokens; the LLM holds {self.max_pos} positions")
+            raise ValueError(
+                f"a prompt has {T} tokens; the LLM holds {self.max_pos} positions (past_max_positions=True runs it "
+                "anyway, as transformers' generate does)"
+            )
         ids_BT = torch.full((B, T), self.ids.pad, dtype=torch.long)
         mask_BT = torch.zeros((B, T), dtype=torch.long)
         for i, p in enumerate(prompts):
@@ -800,9 +886,9 @@ class _MixedModalDecoder:
                 h, state = self._llm(self.embed(ids_n1), state)
                 stats.llm_text_calls += 1
                 tokens = self._pick_tokens(self.lm_head(h[:, -1]).float(), rows, state.pos)
-        return [self._finish(reply) for reply in self.replies]
+        return [self._finish(reply, prompt.ids) for reply, prompt in zip(self.replies, prompts, strict=True)]
 
-    def _finish(self, reply: _Reply) -> GenerationOutput:
+    def _finish(self, reply: _Reply, prompt_ids: list[int]) -> GenerationOutput:
         last = reply.stop_text if reply.stop_text is not None else self._decode_text(reply.segment_ids)
         segments = [*reply.segments, last]
         return GenerationOutput(
@@ -815,6 +901,7 @@ class _MixedModalDecoder:
             finish_reason=reply.finish or "length",
             seed=reply.seed,
             image_logits=reply.logits if self.return_image_logits else None,
+            prompt_ids=list(prompt_ids),
         )
 
 

@@ -5,7 +5,9 @@ area-downsampled to p_k x p_k, every position takes its nearest codebook entry (
 bicubic-upsampled back to P x P and refined by a small conv phi_k, and the result is added to the running
 reconstruction ``f_hat`` and subtracted from the residual (VARGPT-REFERENCE.md 1.7). Every path that turns codes
 into features (encoding, decoding, VAR teacher forcing, incremental inference) goes through the same
-:meth:`MultiScaleQuantizer.lift`, so they agree to the last bit. All of it runs in fp32 with autocast off.
+:meth:`MultiScaleQuantizer.lift`, so they agree to the last bit. All of it runs in fp32 with autocast off, also
+when the parameters are half precision (a model cast to bf16/fp16): the codebook and the phis are upcast where
+they are used, so fp32 features never meet half weights and the codes are those of the (rounded) weights.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ class Phi(nn.Conv2d):
         self.resi_ratio = abs(quant_resi)
 
     def forward(self, h_BCHW: torch.Tensor) -> torch.Tensor:
-        return h_BCHW * (1 - self.resi_ratio) + super().forward(h_BCHW) * self.resi_ratio
+        # In the input's dtype, whatever the weights' (the quantiser's fp32 lifts meet a half model's phis).
+        dtype = h_BCHW.dtype
+        conv_BCHW = self._conv_forward(h_BCHW, self.weight.to(dtype), self.bias.to(dtype))
+        return h_BCHW * (1 - self.resi_ratio) + conv_BCHW * self.resi_ratio
 
 
 # Deviation from VAR: VAR's containers are indexed by the scale position in [0, 1] and do the tick routing
@@ -161,8 +166,8 @@ class MultiScaleQuantizer(nn.Module):
 
         Same arithmetic as VAR (|z|^2 + |e|^2 - 2 z.e) so ties and near-ties break the same way.
         """
-        z_NC = z_NC.detach()
-        e_VC = self.embedding.weight.detach()
+        z_NC = z_NC.detach().float()
+        e_VC = self.embedding.weight.detach().float()  # a half model's codebook: still fp32 distances
         d_NV = z_NC.square().sum(1, keepdim=True) + e_VC.square().sum(1)
         d_NV.addmm_(z_NC, e_VC.T, alpha=-2, beta=1)
         return d_NV.argmin(dim=1)
@@ -173,7 +178,8 @@ class MultiScaleQuantizer(nn.Module):
         B, l = codes_Bl.shape
         if l != p * p:
             raise ValueError(f"scale {k} has {p}x{p}={p * p} tokens, got {l}")
-        return self.embedding(codes_Bl).transpose(1, 2).reshape(B, self.Cvae, p, p)
+        e_BlC = F.embedding(codes_Bl, self.embedding.weight.float())  # fp32 rows even from a half codebook
+        return e_BlC.transpose(1, 2).reshape(B, self.Cvae, p, p)
 
     def lift(self, k: int, codes_Bl: torch.Tensor) -> torch.Tensor:
         """The contribution of scale k to f_hat: phi_k(bicubic_up(embed(codes))), shape (B, Cvae, P, P).
