@@ -21,6 +21,7 @@ from pathlib import Path
 
 from vargpt.data.convert import add_output_args, options_from_args, run_cli
 from vargpt.data.gen_codes import GenCodesConverter
+from vargpt.data.shards import MANIFEST_NAME
 from vargpt.data.transforms import VAR_RESIZE_RATIO
 
 
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resize-ratio", type=float, default=VAR_RESIZE_RATIO, help="= data.gen_resize_ratio")
     add_output_args(parser)
     args = parser.parse_args(argv)
+    if not (args.input / MANIFEST_NAME).is_file():
+        parser.error(f"--input {args.input}: no {MANIFEST_NAME} there (a source folder written by data_prep/*.py)")
     converter = GenCodesConverter(
         args.input, args.weights, args.model_config, args.drop_pixels, args.batch_size, args.device, args.resize_ratio
     )

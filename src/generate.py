@@ -20,7 +20,9 @@ from typing import Any
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 
+from vargpt.data.transforms import read_image_file
 from vargpt.model.config import register_resolvers
 
 log = logging.getLogger("generate")
@@ -39,6 +41,12 @@ def throwaway_tokenizer(out_dir: Path) -> Any:
     from vargpt.data.tokenizer import train_world_tokenizer
 
     return train_world_tokenizer(world_texts(split_counts(400), seed=0), out_dir / "tokenizer", vocab_size=1000)
+
+
+def load_input_image(path: str) -> Image.Image:
+    """The ``image=`` input decoded to RGB as the data pipeline does, read before the model loads so that a wrong
+    path fails at once; raises naming the path."""
+    return read_image_file(path, f"image={path}")
 
 
 def load_model(cfg: DictConfig, out_dir: Path) -> tuple[torch.nn.Module, str]:
@@ -94,15 +102,16 @@ def run(cfg: DictConfig) -> Path:
     if str(cfg.dtype) not in dtypes:
         raise ValueError(f"dtype={cfg.dtype}: expected one of {', '.join(dtypes)}")
     dtype = dtypes[str(cfg.dtype)]
+    image = None if cfg.image is None else load_input_image(str(cfg.image))
     model, what = load_model(cfg, out_dir)
     model = model.to(device=device, dtype=dtype).eval()
 
     prompt = str(cfg.prompt)
     images = None
-    if cfg.image is not None:
+    if image is not None:
         if IMAGE_PLACEHOLDER not in prompt:
             prompt = f"{IMAGE_PLACEHOLDER}\n{prompt}"
-        images = [[str(cfg.image)] for _ in range(cfg.n)]
+        images = [[image] for _ in range(cfg.n)]
     force = cfg.image is None if cfg.force_image is None else bool(cfg.force_image)
     log.info("%s on %s (%s): %d x %r, force_image=%s", what, device, cfg.dtype, cfg.n, prompt, force)
     outputs = model.generate([prompt] * cfg.n, images=images, sampling=sampling, force_image=force, system=cfg.system)

@@ -342,3 +342,88 @@ def test_llava_script_end_to_end(llava, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "3 samples" in result.stdout and "image_truncated: 1" in result.stdout
     assert read_manifest(tmp_path / "cli")["source"] == "llava_v1_5_mix665k"
+
+
+# ------------------------------------------------------------------------------------------- input that gives no source
+ANNOTATION_FAULTS = {
+    "missing": (None, "no such file"),
+    "zero-bytes": (b"", "the file is empty (0 bytes)"),
+    "whitespace": (b"\n  \n", "no entry"),
+    "empty-array": (b"[]", "no entry"),
+    "csv": (b"id,image,question\n1,a.jpg,What?\n", "not a JSON array or JSON-lines file"),
+    "no-sample": (json.dumps([{"id": "x", "conversations": []}]).encode(), "no sample converted from 1 entries"),
+}
+
+
+@pytest.mark.parametrize("fault", ANNOTATION_FAULTS)
+def test_annotation_converter_refuses_input_that_gives_no_source(tmp_path, capsys, fault):
+    content, expected = ANNOTATION_FAULTS[fault]
+    path = tmp_path / "ann.json"
+    if content is not None:
+        path.write_bytes(content)
+    out = tmp_path / "out"
+    argv = ["--annotations", str(path), "--image-root", str(tmp_path), "--out", str(out)]
+    assert convert.annotation_cli(argv, "test") == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: annotations {path}: ") and expected in err and err.count("\n") == 1
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.tar"))
+
+
+def test_a_conversion_with_no_sample_leaves_nothing_and_a_corrected_rerun_converts(tmp_path):
+    ann = write_json(tmp_path / "a.json", [{"id": "a", "image": "a.jpg", "conversations": human_gpt("<image>Q", "A")}])
+    (tmp_path / "wrong").mkdir()
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.jpg").write_bytes(image_bytes())
+    out = tmp_path / "out"
+    with pytest.raises(convert.BadInputError, match=r"no sample converted .*image_missing.*--image-root"):
+        run_conversion(AnnotationConverter(ann, tmp_path / "wrong", "a"), ConvertOptions(out))
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == []
+    assert run_conversion(AnnotationConverter(ann, tmp_path / "images", "a"), ConvertOptions(out))["num_samples"] == 1
+
+
+def onevision_cli():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("onevision_cli", REPO / "data_prep" / "onevision_to_shards.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("fault", ["zero-bytes", "not-parquet", "no-conversations", "no-sample"])
+def test_onevision_converter_refuses_input_that_gives_no_source(tmp_path, capsys, fault):
+    path = tmp_path / "ov.parquet"
+    conv = pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))
+    if fault == "zero-bytes":
+        path.write_bytes(b"")
+    elif fault == "not-parquet":
+        path.write_text("id,image\n")
+    elif fault == "no-conversations":
+        pq.write_table(pa.table({"id": ["a"], "text": ["hello"]}), path)
+    else:
+        pq.write_table(pa.table({"id": ["a"], "conversations": pa.array([[]], conv)}), path)
+    expected = {
+        "zero-bytes": "not a readable parquet file",
+        "not-parquet": "not a readable parquet file",
+        "no-conversations": "no 'conversations' column",
+        "no-sample": "no sample converted from 1 entries (skipped {'empty_conversation': 1}",
+    }[fault]
+    out = tmp_path / "out"
+    assert onevision_cli().main(["--parquet", str(path), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: parquet {path}") and expected in err and err.count("\n") == 1
+    assert not (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("script", ["llava_to_shards", "sharegpt_to_shards"])
+def test_annotation_scripts_exit_1_with_one_line_on_an_empty_file(tmp_path, script):
+    (tmp_path / "empty.json").write_bytes(b"")
+    args = ["--annotations", tmp_path / "empty.json", "--image-root", tmp_path, "--out", tmp_path / "out"]
+    result = subprocess.run(
+        [sys.executable, f"data_prep/{script}.py", *map(str, args)], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (
+        result.stderr
+        == f"error: annotations {tmp_path / 'empty.json'}: the file is empty (0 bytes); download it again\n"
+    )

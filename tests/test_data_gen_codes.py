@@ -123,7 +123,7 @@ def test_training_stream_serves_codes_and_skips_samples_without_them(codes_dir):
     world = tiny_world() / "train"
     plain = data_module(world, {"t2i": "t2i", "caption": "caption"}, gen_codes=True)
     batches = list(plain.train_dataloader())
-    assert len(batches) == 8 and batches[-1]["_stream"]["skipped"]["codes_missing"] > 0
+    assert len(batches) == 8 and batches[-1]["_stream"]["counts"]["skipped"]["t2i"]["codes_missing"] > 0
     assert all(b["gen_codes"] is None and b["pixel_gen_values"] is None for b in batches)
     # Codes of another VQ-VAE schedule are refused when the data module is set up.
     other = load_model_config(MODEL_YAML, ["tokenizer=null", "init_from=null"])

@@ -23,11 +23,28 @@ from omegaconf.errors import ConfigKeyError
 from torch.utils.data import DataLoader
 
 from vargpt.data.collate import Collator, Example
-from vargpt.data.config import DataConfig, SourceConfig
+from vargpt.data.config import DataConfig, SourceConfig, check_data_config
 from vargpt.data.datamodule import VARGPTDataModule
-from vargpt.data.pipeline import EvalStream, SkipCounter, group_by_length, load_sources
+from vargpt.data.pipeline import (
+    BadSourceError,
+    EvalStream,
+    SkipCounter,
+    StreamCounts,
+    check_bad_rate,
+    group_by_length,
+    load_sources,
+)
+from vargpt.data.records import NON_UTF8, InvalidSampleError
 from vargpt.data.shapes import render_scene
-from vargpt.data.shards import iter_raw_samples, shard_list
+from vargpt.data.shards import (
+    FORMAT,
+    MANIFEST_NAME,
+    ShardWriter,
+    iter_raw_samples,
+    parse_record,
+    shard_list,
+    write_json_atomic,
+)
 from vargpt.data.transforms import var_transform
 from vargpt.model.config import register_resolvers
 from vargpt.model.tokens import SpecialTokenIds
@@ -103,7 +120,7 @@ def test_collate_orders_images_row_major_then_in_sequence():
 def test_train_batches_honour_the_contract_and_carry_their_position():
     dm = make_dm()
     for batch in dm.train_dataloader():
-        assert set(batch["_stream"]) == {"epoch", "worker", "cursor", "batches", "skipped"}
+        assert set(batch["_stream"]) == {"split", "epoch", "worker", "cursor", "batches", "counts"}
         batch = dm.on_before_batch_transfer(batch, 0)
         assert "_stream" not in batch
         check_batch_contract(batch, dm)
@@ -261,10 +278,8 @@ def test_resume_through_a_lightning_checkpoint(tmp_path):
 
 def test_truncated_samples_keep_whole_blocks_and_are_counted():
     dm = make_dm(train_sources=sources("train", {"t2i": 1.0, "mixed": 1.0}), cutoff_len=96, samples_per_epoch=48)
-    skipped: Counter[str] = Counter()
     truncated = 0
     for batch in dm.train_dataloader():
-        skipped.update(batch["_stream"]["skipped"])
         batch = dm.on_before_batch_transfer(batch, 0)
         check_batch_contract(batch, dm)
         assert batch["input_ids"].shape[1] <= 96
@@ -282,9 +297,9 @@ def test_unreadable_shards_are_counted_not_fatal(tmp_path):
     assert len(shard_list(source)) == len(manifest["shards"])
     dm = make_dm(train_sources={"vqa": SourceConfig(str(source))}, samples_per_epoch=32)
     batches = list(dm.train_dataloader())
-    assert len(batches) == 8 and batches[-1]["_stream"]["skipped"].get("read_error", 0) > 0
+    assert len(batches) == 8 and batches[-1]["_stream"]["counts"]["skipped"]["vqa"]["read_error"] > 0
     dm.on_before_batch_transfer(batches[-1], 0)
-    assert dm.skipped_counts()["read_error"] > 0
+    assert dm.local_counts("train").skipped["vqa"]["read_error"] > 0
 
 
 def test_data_configs_validate_and_the_default_builds_its_world(tmp_path):
@@ -333,6 +348,7 @@ def test_state_gathers_every_rank_and_resumes_rank_1_exactly(tmp_path):
     torch.multiprocessing.spawn(_ddp_rank, args=(str(tiny_world()), str(tmp_path), port), nprocs=2)
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     assert set(state["positions"]) == {0, 1} and state["world_size"] == 2
+    assert sum(state["counts"]["seen"].values()) == 2 * 3 * 4  # both ranks' 3 batches of 4, none skipped
 
     def rank1() -> VARGPTDataModule:
         dm = make_dm()
@@ -385,7 +401,7 @@ def test_length_grouped_stream_pads_less_and_keeps_modalities_apart():
     assert len(grouped) == len(plain) == 16
     for batch in grouped:
         pools = {"start", "carry", "end", "emitted"}
-        assert set(batch["_stream"]) == {"epoch", "worker", "cursor", "batches", "skipped"} | pools
+        assert set(batch["_stream"]) == {"split", "epoch", "worker", "cursor", "batches", "counts"} | pools
         batch = grouped_dm.on_before_batch_transfer(batch, 0)
         check_batch_contract(batch, grouped_dm)
         gen_rows = (batch["input_ids"] == SpecialTokenIds.from_tokenizer(grouped_dm.tokenizer).gen_start).any(1)
@@ -427,3 +443,148 @@ def test_length_grouped_ranks_draw_their_own_streams():
     stream.rank, stream.world_size = 1, 2
     second = [ids_of(b) for b in stream]
     assert len(second) == len(first) // 2 and second != first[: len(second)]
+
+
+# ------------------------------------------------------------------------------------------- data health
+def corrupt_copy(source: Path, out: Path, every: int, shard_samples: int) -> tuple[int, int]:
+    """Re-write a source into ``out`` with every ``every``-th record made invalid UTF-8; (samples, corrupted)."""
+    out.mkdir()
+    writer = ShardWriter(out, "shard", max_bytes=1 << 30, max_samples=shard_samples)
+    n = bad = 0
+    for raw in iter_raw_samples([p for p, _ in shard_list(source)]):
+        members = {k: v for k, v in raw.items() if not k.startswith("__")}
+        if n % every == 0:
+            members["json"] = members["json"].replace(b'"messages"', b'"m\xffessages"', 1)
+            bad += 1
+        writer.write(raw["__key__"], members)
+        n += 1
+    shards = [s.to_dict() for s in writer.close()]
+    write_json_atomic(out / MANIFEST_NAME, {"format": FORMAT, "source": out.name, "num_samples": n, "shards": shards})
+    return n, bad
+
+
+def test_bad_utf8_in_a_shard_record_is_non_utf8_as_in_the_converters():
+    raw = {"__key__": "k", "json": b'{"id": "caf\xe9", "messages": [], "images": []}'}
+    with pytest.raises(InvalidSampleError) as caught:
+        parse_record(raw)
+    assert caught.value.reason == NON_UTF8 == "non_utf8"
+
+
+@pytest.mark.parametrize("shard_samples", [8, 100], ids=["by-shard", "by-sample"])
+def test_eval_counts_are_per_source_and_summed_exactly_over_workers(tmp_path, shard_samples):
+    n, bad = corrupt_copy(tiny_world() / "val" / "vqa", tmp_path / "vqa", every=4, shard_samples=shard_samples)
+    dm = make_dm(val_sources={"vqa": SourceConfig(str(tmp_path / "vqa")), "t2i": SourceConfig("val/t2i")})
+    dm = make_dm(val_sources=dm.cfg.val_sources, num_workers=2)
+    t2i = dm.val_stream.sources[1].num_samples
+    for _ in range(2):  # a second pass counts afresh, not on top of the first
+        served = sum(len(dm.on_before_batch_transfer(b, 0)["meta"]) for b in dm.val_dataloader())
+        assert served == n - bad + t2i
+        counts = dm.run_counts("val")
+        assert counts == StreamCounts({"vqa": n, "t2i": t2i}, {"vqa": {"non_utf8": bad}})
+    assert dm.local_counts("train") == StreamCounts()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_counts_add_up_over_epochs_and_survive_a_resume(tmp_path, workers):
+    corrupt_copy(tiny_world() / "train" / "vqa", tmp_path / "vqa", every=5, shard_samples=50)
+    train = {"vqa": SourceConfig(str(tmp_path / "vqa")), "caption": SourceConfig("train/caption")}
+
+    def data() -> VARGPTDataModule:
+        return make_dm(train_sources=train, num_workers=workers, bad_sample_min_samples=10**6)
+
+    full = data()
+    consume(full)
+    one_epoch = full.run_counts("train")
+    assert one_epoch.skipped["vqa"]["non_utf8"] > 0 and "caption" not in one_epoch.skipped
+    assert sum(one_epoch.seen.values()) - sum(map(one_epoch.bad, one_epoch.seen)) == 64  # the samples served
+    consume(full)  # the next epoch adds to the first
+    assert full.run_counts("train").seen["vqa"] > one_epoch.seen["vqa"]
+
+    first = data()
+    consume(first, limit=5)
+    state = reload(first.state_dict())
+    assert state["counts"] == first.run_counts("train").to_dict()
+    resumed = data()
+    resumed.load_state_dict(state)
+    consume(resumed)
+    # In stream order a resume skips the samples already read unopened: the run's count is the uninterrupted one.
+    assert resumed.run_counts("train") == one_epoch
+
+
+def test_a_source_over_the_bad_sample_rate_stops_the_run_naming_it(tmp_path):
+    corrupt_copy(tiny_world() / "train" / "vqa", tmp_path / "vqa", every=4, shard_samples=50)
+    train = {"vqa": SourceConfig(str(tmp_path / "vqa"))}
+    with pytest.raises(BadSourceError) as caught:
+        consume(make_dm(train_sources=train, max_bad_sample_rate=0.1, bad_sample_min_samples=20))
+    message = str(caught.value)
+    assert message.startswith("train source vqa: ") and "over data.max_bad_sample_rate=0.1" in message
+    assert "non_utf8" in message and "data_prep/verify_shards.py" in message
+    # Under the threshold, or before enough samples were seen: counted, not fatal.
+    assert len(consume(make_dm(train_sources=train, max_bad_sample_rate=0.5, bad_sample_min_samples=20))) == 16
+    assert len(consume(make_dm(train_sources=train, max_bad_sample_rate=0.1))) == 16  # default: 1000 samples
+
+
+def test_the_rate_is_checked_once_a_source_gave_enough_samples():
+    counts = StreamCounts({"a": 3, "b": 200}, {"a": {"image_unreadable": 1}, "b": {"too_long": 1}})
+    check_bad_rate(counts, "train", max_rate=0.01, min_samples=10)  # a: 1 of 3 is too few to judge; b: 0.5 %
+    counts.seen["a"] = 10
+    with pytest.raises(BadSourceError, match=r"train source a: 1 of its 10 samples read were skipped \(10.0%"):
+        check_bad_rate(counts, "train", max_rate=0.01, min_samples=10)
+    with pytest.raises(BadSourceError, match="train source b: .* raise data.cutoff_len"):
+        check_bad_rate(counts, "train", max_rate=0.001, min_samples=50)
+    with pytest.raises(ValueError, match=r"data.max_bad_sample_rate must be in \[0, 1\]"):
+        make_dm(max_bad_sample_rate=1.5)
+    with pytest.raises(ValueError, match="data.bad_sample_min_samples must be >= 1, got 0"):
+        check_data_config(OmegaConf.structured(DataConfig(bad_sample_min_samples=0)))  # as composed
+
+
+def test_a_missing_listed_shard_is_an_error_unless_allowed(tmp_path, caplog):
+    source = tmp_path / "vqa"
+    shutil.copytree(tiny_world() / "train" / "vqa", source)
+    shards = shard_list(source)
+    assert len(shards) == 2
+    Path(shards[1][0]).unlink()
+    train = {"vqa": SourceConfig(str(source))}
+    with pytest.raises(FileNotFoundError) as caught:
+        make_dm(train_sources=train)
+    message = str(caught.value)
+    assert message.startswith("data.train_sources.vqa: 1 of 2 shards listed in ") and Path(shards[1][0]).name in message
+    assert "data.allow_missing_shards=true" in message
+    dm = make_dm(train_sources=train, allow_missing_shards=True)
+    assert "data.allow_missing_shards=true, streaming the shards present" in caplog.text
+    assert dm.missing_shards() == {"train/vqa": [shards[1][0]]}
+    assert len(consume(dm)) == 16
+    Path(shards[0][0]).unlink()
+    with pytest.raises(FileNotFoundError, match=r"2 of 2 shards .* data.train_sources.vqa.weight=0 to leave it out"):
+        make_dm(train_sources=train, allow_missing_shards=True)
+
+
+def test_a_source_without_samples_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    write_json_atomic(tmp_path / "empty" / MANIFEST_NAME, {"format": FORMAT, "num_samples": 0, "shards": []})
+    with pytest.raises(ValueError, match="data.val_sources.empty: .* lists no sample: .*weight=0"):
+        make_dm(val_sources={"empty": SourceConfig(str(tmp_path / "empty"))})
+
+
+def test_a_read_error_counts_once_when_every_eval_slot_reads_every_shard(tmp_path):
+    # Every third sample is bad: each of the 4 slots gets some (a slot with no good sample makes no batch to report).
+    n, bad = corrupt_copy(tiny_world() / "val" / "vqa", tmp_path / "vqa", every=3, shard_samples=100)
+    broken = tmp_path / "vqa" / "broken.tar"
+    broken.write_bytes(b"\x00garbage" * 300)
+    once = SkipCounter("test", 60.0)
+    assert list(iter_raw_samples([str(broken)], handler=once.handler("vqa"))) == []
+    manifest = json.loads((tmp_path / "vqa" / MANIFEST_NAME).read_text())
+    manifest["shards"].append({"name": "broken.tar", "num_samples": 1, "sha256": "", "size_bytes": 2400})
+    write_json_atomic(tmp_path / "vqa" / MANIFEST_NAME, manifest)
+    loaded = load_sources({"vqa": SourceConfig(str(tmp_path / "vqa"))}, tmp_path)
+    dm = make_dm(val_sources={"t2i": SourceConfig("val/t2i")})
+    assert dm.val_stream is not None
+    total = StreamCounts()
+    for rank in (0, 1):  # 2 shards < 2 ranks x 2 workers: samples are split round-robin, every slot reads all
+        stream = EvalStream(loaded, dm.val_stream.processor, dm.val_stream.collator, 5, rank=rank, world_size=2)
+        last = {
+            b["_stream"]["worker"]: b["_stream"]["counts"] for b in DataLoader(stream, batch_size=None, num_workers=2)
+        }
+        total = total + StreamCounts.total(StreamCounts.from_dict(c) for c in last.values())
+    errors = once.counts.skipped["vqa"]["read_error"]
+    assert total == StreamCounts({"vqa": n + errors}, {"vqa": {"non_utf8": bad, "read_error": errors}})

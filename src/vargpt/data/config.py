@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -96,6 +97,10 @@ class DataConfig:
     # Micro batches per pool (>= 2): larger pools group more tightly, hold more decoded samples per worker and
     # take longer to rebuild on resume.
     group_batches: int = 16
+    # Understanding images above this many pixels are first shrunk with NEAREST, keeping their aspect, before
+    # CLIP's resize: the release's training images (LLaMA-Factory's image_resolution, 512 x 512 = 262144).
+    # null or 0 = no cap. Generation targets always get the release's cap (vargpt.data.transforms.var_transform).
+    und_max_pixels: int | None = 512 * 512
     # VAR's random crop of generation targets in training (false = centre crop).
     gen_random_crop: bool = True
     # Generation targets' shortest side is resized to gen_resize_ratio x R before the crop: VAR's 1.125 for
@@ -108,3 +113,24 @@ class DataConfig:
     gen_codes: bool = False
     # Seconds between two warnings about skipped samples or unreadable shards (counts are always kept).
     warn_interval_s: float = 60.0
+    # A shard a source's manifest lists but that is absent stops the run; true = stream the shards present (a
+    # warning names the missing ones, the run summary lists them).
+    allow_missing_shards: bool = False
+    # Largest share of a source's samples that may be skipped (corrupt, unreadable, too long, ...) before the run
+    # stops with an error naming the source and the reasons; 1.0 = never stop (counts are still reported).
+    max_bad_sample_rate: float = 0.01
+    # Samples a source must have given (on one rank, since the process started) before its rate is checked.
+    bad_sample_min_samples: int = 1000
+
+
+def check_data_config(cfg: DataConfig | Any, key: str = "data") -> None:
+    """Ranges the types cannot express (``cfg``: a DataConfig or its DictConfig); raises naming the key."""
+    if not 0.0 <= cfg.max_bad_sample_rate <= 1.0:
+        raise ValueError(f"{key}.max_bad_sample_rate must be in [0, 1] (1 = never stop), got {cfg.max_bad_sample_rate}")
+    if cfg.bad_sample_min_samples < 1:
+        raise ValueError(f"{key}.bad_sample_min_samples must be >= 1, got {cfg.bad_sample_min_samples}")
+    if (cfg.und_max_pixels or 0) < 0:
+        raise ValueError(
+            f"{key}.und_max_pixels must be a pixel count (the release's: 262144 = 512 x 512), or null or 0 for no "
+            f"cap; got {cfg.und_max_pixels}"
+        )

@@ -6,6 +6,9 @@ part's shards plus a ``parts/part-NNNNN.json`` record. A part with a record is d
 (resume), and a finished conversion with the same input and options returns its manifest untouched
 (idempotent). Images are read only inside the workers, one entry at a time (a 665K-entry JSON is streamed,
 never held with its images in memory). Bad input is skipped, counted by reason and the first few ids listed.
+Input that cannot give a source at all (a missing, empty or non-JSON annotation file, a file that is not parquet)
+is refused before any work, and a conversion that ends with no sample fails and leaves nothing behind: both raise
+:class:`BadInputError`, which the scripts print as one line (exit status 1).
 
 Formats: :class:`AnnotationConverter` (JSON/JSONL annotations: LLaVA's ``{id, image?, conversations:
 [{from, value}]}`` and VARGPT's sharegpt ``{messages: [{role, content}], images: [...]}``) and
@@ -20,6 +23,7 @@ import io
 import itertools
 import json
 import logging
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -49,6 +53,11 @@ STATE_NAME = "_convert.json"
 TRUNCATED_ANNOTATIONS = "truncated_annotations"
 # Image formats stored as their original bytes; anything else (GIF, BMP, TIFF, ...) is re-encoded as PNG.
 _KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+class BadInputError(ValueError):
+    """The input cannot give a source (missing, empty, not in the format, or no sample converts); the message
+    names the file and what is wrong."""
 
 
 # ------------------------------------------------------------------------------------------------ samples
@@ -125,6 +134,13 @@ class Converter:
     """
 
     source: str
+
+    def check_input(self) -> None:
+        """Raise :class:`BadInputError` when the input cannot give a source (called before any work)."""
+
+    def input_name(self) -> str:
+        """The input, as messages name it."""
+        return self.source
 
     def fingerprint(self) -> dict[str, Any]:
         """What identifies the input (paths, sizes, mtimes, settings): a change requires ``overwrite``."""
@@ -299,6 +315,7 @@ def run_conversion(converter: Converter, options: ConvertOptions, executor: Exec
     Resumes an interrupted run of the same conversion; returns an up-to-date manifest without work. A shared
     ``executor`` (a process pool) may be passed when converting many sources in a row.
     """
+    converter.check_input()
     out_dir = Path(options.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fingerprint, finished = _prepare_output(converter, options)
@@ -322,6 +339,16 @@ def run_conversion(converter: Converter, options: ConvertOptions, executor: Exec
             rate,
         )
     manifest = _merge_parts(converter.source, [done[p] for p in sorted(done)], fingerprint, options.max_examples)
+    if manifest["num_samples"] == 0:
+        # An empty source would only fail later, in training ("no source with a positive weight"): fail here,
+        # and leave nothing, so that a corrected rerun starts afresh.
+        _clear_outputs(out_dir)
+        examples = "; ".join(f"{e['id']}: {e['reason']} {e['detail'][:80]}" for e in manifest["skipped_examples"][:3])
+        raise BadInputError(
+            f"{converter.input_name()}: no sample converted from {manifest['num_entries']} entries (skipped "
+            f"{manifest['skipped_by_reason']}; e.g. {examples or 'none'}): the reasons say what is wrong (a wrong "
+            "--image-root gives image_missing)"
+        )
     manifest.update(converter.manifest_extra())
     write_json_atomic(out_dir / MANIFEST_NAME, manifest)
     (out_dir / STATE_NAME).unlink(missing_ok=True)
@@ -395,6 +422,25 @@ def iter_json_entries(path: Path, chunk_chars: int = 1 << 16, max_entry_chars: i
             buf, pos = buf[pos:] + more, 0
 
 
+def check_annotation_file(path: Path) -> None:
+    """Raise :class:`BadInputError` unless ``path`` is a JSON array or JSON-lines file whose first entry parses."""
+    if not path.is_file():
+        raise BadInputError(f"annotations {path}: no such file (pass the JSON or JSON-lines file with --annotations)")
+    if path.stat().st_size == 0:
+        raise BadInputError(f"annotations {path}: the file is empty (0 bytes); download it again")
+    try:
+        first = next(iter_json_entries(path), None)
+    except ValueError as exc:
+        first = InvalidSampleError(MALFORMED_ENTRY, str(exc))
+    if first is None:
+        raise BadInputError(f"annotations {path}: no entry (the file holds only whitespace or an empty array)")
+    if isinstance(first, InvalidSampleError):
+        raise BadInputError(
+            f"annotations {path}: not a JSON array or JSON-lines file ({first.detail[:200]}); pass LLaVA's or "
+            "VARGPT's annotation file"
+        )
+
+
 @dataclass
 class AnnotationConverter(Converter):
     """LLaVA-1.5 JSON (``image`` + ``conversations``) and sharegpt JSON (``images`` + ``messages``) annotations."""
@@ -402,6 +448,14 @@ class AnnotationConverter(Converter):
     annotations: Path
     image_root: Path
     source: str
+
+    def check_input(self) -> None:
+        check_annotation_file(Path(self.annotations))
+        if not Path(self.image_root).is_dir():
+            raise BadInputError(f"image root {self.image_root}: no such folder (--image-root)")
+
+    def input_name(self) -> str:
+        return f"annotations {self.annotations}"
 
     def fingerprint(self) -> dict[str, Any]:
         stat = Path(self.annotations).stat()
@@ -441,6 +495,26 @@ class ParquetConverter(Converter):
     # Where ``image.path`` points when a row carries no image bytes (null = such rows are image_missing).
     image_root: Path | None = None
     columns: tuple[str, ...] = ("id", "image", "conversations", "data_source")
+
+    def check_input(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self.files:
+            raise BadInputError("no parquet file given (--parquet)")
+        for path in self.files:
+            if not Path(path).is_file():
+                raise BadInputError(f"parquet {path}: no such file")
+            try:
+                names = pq.ParquetFile(path).schema_arrow.names
+            except (pa.ArrowException, OSError) as exc:
+                raise BadInputError(f"parquet {path}: not a readable parquet file ({exc})") from None
+            if "conversations" not in names:
+                raise BadInputError(f"parquet {path}: no 'conversations' column (columns {names}): not OneVision data")
+
+    def input_name(self) -> str:
+        more = f" and {len(self.files) - 1} more" if len(self.files) > 1 else ""
+        return f"parquet {self.files[0]}{more}"
 
     def fingerprint(self) -> dict[str, Any]:
         stats = [(str(Path(f).resolve()), Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in self.files]
@@ -525,10 +599,15 @@ def annotation_cli(argv: list[str] | None, description: str) -> int:
 
 
 def run_cli(converter: Converter, options: ConvertOptions) -> int:
-    """Run a conversion from a script and print its summary; the exit status is 0."""
+    """Run a conversion from a script and print its summary; the exit status is 0, or 1 with a one-line error
+    when the input cannot give a source or the output folder holds another conversion."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     start = time.perf_counter()
-    manifest = run_conversion(converter, options)
+    try:
+        manifest = run_conversion(converter, options)
+    except (BadInputError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     seconds = time.perf_counter() - start
     print(summary(manifest, seconds))
     return 0

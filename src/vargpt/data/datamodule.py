@@ -10,13 +10,21 @@ new draws).
 
 Positions are recorded in ``on_before_batch_transfer``, which Lightning calls when the training loop takes a
 batch (not when the loader prefetches it); a LightningModule should not override that hook as well.
+
+Skipped samples, by source and reason (``vargpt.data.pipeline.StreamCounts``), are counted where they are
+processed, in each DataLoader worker; every batch carries its worker's counts of the epoch (training) or pass
+(evaluation) so far, and the same hook keeps the latest per worker. :meth:`local_counts` sums this rank's
+workers (training: over the epochs of this process), :meth:`run_counts` sums the ranks (training: plus the
+totals saved in the checkpoint resumed from, so a run's count survives its resumes) and checkpoints carry it.
+Samples a worker processed for batches the loop has not taken yet are not counted until it takes them, and an
+evaluation worker whose every sample was skipped makes no batch, so only its log warnings tell. Each
+batch taken also checks this rank's counts against ``data.max_bad_sample_rate`` (``check_bad_rate``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,8 +34,17 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from vargpt.data.collate import Collator
-from vargpt.data.config import DataConfig, SourceConfig, resolve_path
-from vargpt.data.pipeline import EvalStream, SampleProcessor, TrainStream, load_sources
+from vargpt.data.config import DataConfig, SourceConfig, check_data_config, resolve_path
+from vargpt.data.pipeline import (
+    TRAIN,
+    VAL,
+    EvalStream,
+    SampleProcessor,
+    StreamCounts,
+    TrainStream,
+    check_bad_rate,
+    load_sources,
+)
 from vargpt.data.shapes import ensure_shapes_world
 from vargpt.data.shards import GEN_CODES, read_manifest
 from vargpt.data.tokenizer import load_tokenizer
@@ -36,6 +53,9 @@ from vargpt.model.config import ModelConfig
 from vargpt.model.tokens import SpecialTokenIds
 
 log = logging.getLogger(__name__)
+
+# Entries of a batch's ``_stream`` that are not part of the training stream's position.
+_NOT_POSITION = ("split", "epoch", "worker", "counts")
 
 
 def _to_object(cfg: Any, schema: type) -> Any:
@@ -50,8 +70,8 @@ def _to_object(cfg: Any, schema: type) -> Any:
     raise TypeError(f"expected {schema.__name__} or a DictConfig, got {type(cfg).__name__}")
 
 
-class _TrainLoader(DataLoader):
-    """A DataLoader that tells the data module when an epoch's iteration starts (to seed it and resume)."""
+class _EpochLoader(DataLoader):
+    """A DataLoader that tells the data module when an iteration starts (to seed an epoch, resume, reset counts)."""
 
     def __init__(self, *args: Any, begin_epoch: Callable[[], None], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -67,6 +87,7 @@ class VARGPTDataModule(LightningDataModule):
 
     def __init__(self, cfg: DataConfig, model_cfg: ModelConfig, tokenizer: Any = None) -> None:
         super().__init__()
+        check_data_config(cfg)
         self.cfg = cfg
         self.model_cfg = model_cfg
         self.tokenizer = tokenizer
@@ -76,7 +97,12 @@ class VARGPTDataModule(LightningDataModule):
         self._epoch = 0
         # This rank's worker positions in the current epoch, as reported by the batches the loop took.
         self._positions: dict[int, dict[str, Any]] = {}
-        self._skipped: dict[int, dict[str, int]] = {}
+        # Per split, each worker's counts of the current epoch or pass, as reported by the batches the loop took.
+        self._counts: dict[str, dict[int, StreamCounts]] = {TRAIN: {}, VAL: {}}
+        # This rank's training counts of the epochs finished in this process.
+        self._train_done = StreamCounts()
+        # Every rank's training counts up to the checkpoint this run resumed from.
+        self._restored = StreamCounts()
         self._pending: dict[str, Any] | None = None
 
     @classmethod
@@ -122,7 +148,10 @@ class VARGPTDataModule(LightningDataModule):
             num_image_tokens=vision.num_image_tokens,
             num_gen_tokens=vqvae.schedule.num_tokens,
             cutoff_len=self.cfg.cutoff_len,
-            und_transform=clip_transform(vision.image_size, tuple(vision.image_mean), tuple(vision.image_std)),
+            # The release's training data path caps every image before CLIP (its evaluation split too).
+            und_transform=clip_transform(
+                vision.image_size, tuple(vision.image_mean), tuple(vision.image_std), self.cfg.und_max_pixels
+            ),
             gen_transform=var_transform(
                 vqvae.image_size, train=train and self.cfg.gen_random_crop, resize_ratio=self.cfg.gen_resize_ratio
             ),
@@ -168,7 +197,7 @@ class VARGPTDataModule(LightningDataModule):
             self._check_codes({**cfg.train_sources, **{f"val/{k}": v for k, v in cfg.val_sources.items()}})
         if stage in (None, "fit") and cfg.train_sources:
             self.train_stream = TrainStream(
-                load_sources(cfg.train_sources, cfg.root),
+                load_sources(cfg.train_sources, cfg.root, "data.train_sources", cfg.allow_missing_shards),
                 self._processor(train=True),
                 collator,
                 micro_batch_size=cfg.micro_batch_size,
@@ -185,7 +214,7 @@ class VARGPTDataModule(LightningDataModule):
             )
         if cfg.val_sources:
             self.val_stream = EvalStream(
-                load_sources(cfg.val_sources, cfg.root),
+                load_sources(cfg.val_sources, cfg.root, "data.val_sources", cfg.allow_missing_shards),
                 self._processor(train=False),
                 collator,
                 micro_batch_size=cfg.val_micro_batch_size or cfg.micro_batch_size,
@@ -209,12 +238,16 @@ class VARGPTDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_stream is None:
             raise RuntimeError("no training sources: set data.train_sources (and call setup('fit'))")
-        return _TrainLoader(self.train_stream, begin_epoch=self._begin_epoch, **self._loader_kwargs())
+        return _EpochLoader(self.train_stream, begin_epoch=self._begin_epoch, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
         if self.val_stream is None:
             raise RuntimeError("no evaluation sources: set data.val_sources")
-        return DataLoader(self.val_stream, **self._loader_kwargs())
+        return _EpochLoader(self.val_stream, begin_epoch=self._begin_pass, **self._loader_kwargs())
+
+    def _begin_pass(self) -> None:
+        """An evaluation pass starts: its counts start from zero."""
+        self._counts[VAL] = {}
 
     def _begin_epoch(self) -> None:
         """Seed the epoch about to be iterated and apply a pending resume position."""
@@ -224,7 +257,8 @@ class VARGPTDataModule(LightningDataModule):
         else:
             epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
         positions = self._resume_positions(epoch)
-        self._epoch, self._positions, self._skipped = epoch, positions, {}
+        self._train_done = self.local_counts(TRAIN)
+        self._epoch, self._positions, self._counts[TRAIN] = epoch, positions, {}
         self.train_stream.set_epoch(epoch, positions)
 
     def _resume_positions(self, epoch: int) -> dict[int, dict[str, Any]]:
@@ -257,20 +291,44 @@ class VARGPTDataModule(LightningDataModule):
 
     # -------------------------------------------------------------------------------------------- position
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Record the position of a training batch the loop takes, and drop it from the batch."""
+        """Record the position and counts of a batch the loop takes, drop them from the batch, check the rate."""
         stream = batch.pop("_stream", None) if isinstance(batch, dict) else None
-        if stream is not None and stream["epoch"] == self._epoch:
-            position = {k: v for k, v in stream.items() if k not in ("epoch", "worker", "skipped")}
-            self._positions[stream["worker"]] = position
-            self._skipped[stream["worker"]] = stream["skipped"]
+        if stream is None or (stream["split"] == TRAIN and stream["epoch"] != self._epoch):
+            return batch
+        split, worker = stream["split"], stream["worker"]
+        if split == TRAIN:
+            self._positions[worker] = {k: v for k, v in stream.items() if k not in _NOT_POSITION}
+        self._counts[split][worker] = StreamCounts.from_dict(stream["counts"])
+        check_bad_rate(self.local_counts(split), split, self.cfg.max_bad_sample_rate, self.cfg.bad_sample_min_samples)
         return batch
 
-    def skipped_counts(self) -> dict[str, int]:
-        """Samples skipped so far this epoch on this rank's training workers, by reason (for logging)."""
-        total: Counter[str] = Counter()
-        for counts in self._skipped.values():
-            total.update(counts)
-        return dict(total)
+    def local_counts(self, split: str) -> StreamCounts:
+        """This rank's counts (``split``: ``train`` or ``val``), summed over its workers: training since this
+        process started, evaluation of the current or last pass."""
+        current = StreamCounts.total(self._counts[split].values())
+        return self._train_done + current if split == TRAIN else current
+
+    def run_counts(self, split: str) -> StreamCounts:
+        """Every rank's counts: training since the run started (resumes included), evaluation of the current or
+        last pass. A collective under torch.distributed: every rank must call it."""
+        local = self.local_counts(split).to_dict()
+        parts: list[Any] = [local]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, local)
+        total = StreamCounts.total(StreamCounts.from_dict(part) for part in parts)
+        return self._restored + total if split == TRAIN else total
+
+    def missing_shards(self) -> dict[str, list[str]]:
+        """``split/source`` -> the shards left out under ``data.allow_missing_shards`` (only sources with some)."""
+        streams = {TRAIN: self.train_stream, VAL: self.val_stream}
+        return {
+            f"{split}/{source.name}": [path for path, _ in source.missing]
+            for split, stream in streams.items()
+            if stream is not None
+            for source in stream.sources
+            if source.missing
+        }
 
     def state_dict(self) -> dict[str, Any]:
         stream = self.train_stream
@@ -289,11 +347,13 @@ class VARGPTDataModule(LightningDataModule):
             "num_workers": stream.num_workers,
             "grouping": stream.grouping,
             "positions": positions,
+            "counts": self.run_counts(TRAIN).to_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
         self._pending = state_dict
+        self._restored = StreamCounts.from_dict(state_dict.get("counts", {}))
         self._next_epoch = state_dict["epoch"]
         self._epoch = state_dict["epoch"]

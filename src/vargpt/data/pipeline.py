@@ -20,6 +20,12 @@ exactly.
 Evaluation (:class:`EvalStream`): every shard once, in manifest order, split across ranks then workers as
 WebDataset's ``split_by_node`` / ``split_by_worker`` do; with fewer shards than ranks x workers, samples are
 split round-robin instead. Either way no sample is seen twice and none is dropped.
+
+Data health: every worker counts, per source, the samples it processed and those it skipped by reason
+(:class:`StreamCounts`; an unreadable tar member or shard counts as one skipped ``read_error``), and every batch
+carries its worker's counts so far in its ``_stream`` entry (the data module sums them over workers and ranks).
+A listed shard that is absent fails :func:`load_sources` unless allowed, and :func:`check_bad_rate` fails a
+source whose share of skipped samples is over the threshold.
 """
 
 from __future__ import annotations
@@ -30,9 +36,8 @@ import logging
 import math
 import random
 import time
-from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +53,7 @@ from vargpt.data.records import (
     IMAGE_GEN,
     IMAGE_UNREADABLE,
     READ_ERROR,
+    TOO_LONG,
     InvalidSampleError,
 )
 from vargpt.data.shards import GEN_CODES, decode_codes, iter_raw_samples, parse_record, shard_list
@@ -60,53 +66,189 @@ log = logging.getLogger(__name__)
 _MAX_EMPTY_SHARDS = 100
 
 
+# The ``split`` of a stream's counts: training and evaluation streams.
+TRAIN, VAL = "train", "val"
+# The next step a bad-sample rate error suggests, by the reason most samples were skipped for.
+_NEXT_STEP = {
+    TOO_LONG: "raise data.cutoff_len",
+    CODES_MISSING: "encode the source's codes (data_prep/encode_gen_codes.py) or set data.gen_codes=false",
+}
+_DEFAULT_NEXT_STEP = "check the source (data_prep/verify_shards.py lists its bad samples) and convert it again"
+
+
 @dataclass
 class Source:
-    """A shard source as the streams use it: name, ``(path, num_samples)`` per shard, mixture weight."""
+    """A shard source as the streams use it: name, ``(path, num_samples)`` per shard, mixture weight, and the shards
+    its manifest lists that are absent (left out under ``data.allow_missing_shards``)."""
 
     name: str
     shards: list[tuple[str, int]]
     weight: float
+    missing: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def num_samples(self) -> int:
         return sum(n for _, n in self.shards)
 
 
-def load_sources(sources: dict[str, SourceConfig], root: str | Path) -> list[Source]:
-    """Read the manifests of configured sources; weight null -> num_samples; weight 0 sources are left out."""
+def _describe_missing(key: str, folder: Path, listed: list[tuple[str, int]], missing: list[tuple[str, int]]) -> str:
+    """What a source's missing shards are, for an error or a warning."""
+    names = ", ".join(Path(p).name for p, _ in missing[:5]) + (", ..." if len(missing) > 5 else "")
+    lost, total = sum(n for _, n in missing), sum(n for _, n in listed)
+    return (
+        f"{key}: {len(missing)} of {len(listed)} shards listed in {folder / 'manifest.json'} are missing "
+        f"({names}; {lost:,} of {total:,} samples)"
+    )
+
+
+def load_sources(
+    sources: dict[str, SourceConfig], root: str | Path, key: str = "data.train_sources", allow_missing: bool = False
+) -> list[Source]:
+    """Read the manifests of configured sources (``key``: their config key, for messages); weight null ->
+    num_samples; weight 0 sources are left out unread.
+
+    A source with no sample, or whose every listed shard is absent, is an error; one with some shards absent
+    is an error unless ``allow_missing`` (``data.allow_missing_shards``): then a warning names them, the source
+    streams the others and its :attr:`Source.missing` lists them for the run's report.
+    """
     out = []
     for name, cfg in sources.items():
-        shards = shard_list(resolve_path(cfg.path, root))
-        weight = float(sum(n for _, n in shards) if cfg.weight is None else cfg.weight)
-        if weight < 0:
-            raise ValueError(f"source {name}: weight must be >= 0, got {weight}")
-        if weight > 0 and shards:
-            out.append(Source(name, shards, weight))
+        if cfg.weight is not None and cfg.weight < 0:
+            raise ValueError(f"{key}.{name}.weight must be >= 0, got {cfg.weight}")
+        if cfg.weight == 0:
+            continue
+        folder = resolve_path(cfg.path, root)
+        listed = shard_list(folder)
+        if not sum(n for _, n in listed):
+            raise ValueError(
+                f"{key}.{name}: {folder / 'manifest.json'} lists no sample: convert the source again "
+                f"(data_prep/*.py), or set {key}.{name}.weight=0 to leave it out"
+            )
+        present = [(p, n) for p, n in listed if Path(p).is_file()]
+        missing = [(p, n) for p, n in listed if not Path(p).is_file()]
+        if missing:
+            what = _describe_missing(f"{key}.{name}", folder, listed, missing)
+            if not present:
+                raise FileNotFoundError(f"{what}: restore them, or set {key}.{name}.weight=0 to leave it out")
+            if not allow_missing:
+                raise FileNotFoundError(
+                    f"{what}: restore them (re-running the converter writes what is missing), or set "
+                    "data.allow_missing_shards=true to use the shards present"
+                )
+            log.warning("%s: data.allow_missing_shards=true, streaming the shards present", what)
+        weight = float(sum(n for _, n in present) if cfg.weight is None else cfg.weight)
+        out.append(Source(name, present, weight, missing))
     return out
 
 
+@dataclass
+class StreamCounts:
+    """Per source: the samples a stream attempted (``seen``: processed or skipped) and those it skipped, by
+    reason (``skipped``). Plain dicts, so that they travel in batches and checkpoints."""
+
+    seen: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def add(self, source: str, reason: str | None = None) -> None:
+        """Count one sample of ``source``: served (``reason`` None) or skipped for ``reason``."""
+        self.seen[source] = self.seen.get(source, 0) + 1
+        if reason is not None:
+            by_reason = self.skipped.setdefault(source, {})
+            by_reason[reason] = by_reason.get(reason, 0) + 1
+
+    def bad(self, source: str) -> int:
+        """Samples of ``source`` skipped, for any reason."""
+        return sum(self.skipped.get(source, {}).values())
+
+    def __add__(self, other: StreamCounts) -> StreamCounts:
+        total = StreamCounts.from_dict(self.to_dict())
+        for source, n in other.seen.items():
+            total.seen[source] = total.seen.get(source, 0) + n
+        for source, reasons in other.skipped.items():
+            mine = total.skipped.setdefault(source, {})
+            for reason, n in reasons.items():
+                mine[reason] = mine.get(reason, 0) + n
+        return total
+
+    @staticmethod
+    def total(parts: Iterable[StreamCounts]) -> StreamCounts:
+        return sum(parts, StreamCounts())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seen": dict(self.seen), "skipped": {s: dict(r) for s, r in self.skipped.items()}}
+
+    @staticmethod
+    def from_dict(state: dict[str, Any]) -> StreamCounts:
+        skipped = {s: dict(r) for s, r in state.get("skipped", {}).items()}
+        return StreamCounts(dict(state.get("seen", {})), skipped)
+
+
+class BadSourceError(ValueError):
+    """A source skipped more of its samples than ``data.max_bad_sample_rate`` allows."""
+
+
+def check_bad_rate(counts: StreamCounts, split: str, max_rate: float, min_samples: int) -> None:
+    """Raise :class:`BadSourceError` for the first source whose skipped share is over ``max_rate``.
+
+    A source is checked only once it has ``min_samples`` samples counted (``data.bad_sample_min_samples``), so
+    that 1 bad sample among the first 3 does not stop a run; from then on at every call (every batch the loop
+    takes). The data module passes one rank's counts, summed over its workers, since the process started.
+    """
+    for source, seen in sorted(counts.seen.items()):
+        bad = counts.bad(source)
+        if seen < min_samples or bad <= max_rate * seen:
+            continue
+        reasons = counts.skipped[source]
+        worst = max(reasons, key=lambda r: reasons[r])
+        listed = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items()))
+        raise BadSourceError(
+            f"{split} source {source}: {bad} of its {seen} samples read were skipped ({bad / seen:.1%}: {listed}), "
+            f"over data.max_bad_sample_rate={max_rate}: {_NEXT_STEP.get(worst, _DEFAULT_NEXT_STEP)}, or raise "
+            "data.max_bad_sample_rate (1.0 never stops; the counts are still reported)"
+        )
+
+
+def _keep_going(exc: Exception) -> bool:
+    """WebDataset error handler of a reader whose errors another reader counts: continue."""
+    return True
+
+
 class SkipCounter:
-    """Counts skipped samples and unreadable shards by reason; warns on the first of each reason, then at most
-    once per ``interval_s`` with the running totals (a bad source should not flood the log)."""
+    """Counts the samples of a stream by source, served and skipped by reason (:class:`StreamCounts`); warns on
+    the first skip of each source and reason, then at most once per ``interval_s`` with the running totals (a
+    bad source should not flood the log)."""
 
     def __init__(self, where: str, interval_s: float) -> None:
         self.where = where
         self.interval_s = interval_s
-        self.counts: Counter[str] = Counter()
+        self.counts = StreamCounts()
         self._last_warning = time.monotonic()
 
-    def add(self, reason: str, detail: str) -> None:
-        self.counts[reason] += 1
-        now = time.monotonic()
-        if self.counts[reason] == 1 or now - self._last_warning >= self.interval_s:
-            self._last_warning = now
-            log.warning("%s: skipped %s (%s); totals so far %s", self.where, reason, detail, dict(self.counts))
+    def served(self, source: str) -> None:
+        self.counts.add(source)
 
-    def handler(self, exc: Exception) -> bool:
-        """WebDataset error handler: count and continue with the next member or shard."""
-        self.add(READ_ERROR, repr(exc)[:200])
-        return True
+    def skip(self, source: str, reason: str, detail: str) -> None:
+        self.counts.add(source, reason)
+        now = time.monotonic()
+        if self.counts.skipped[source][reason] == 1 or now - self._last_warning >= self.interval_s:
+            self._last_warning = now
+            log.warning(
+                "%s: skipped a sample of %s: %s (%s); skipped so far %s",
+                self.where,
+                source,
+                reason,
+                detail,
+                self.counts.skipped,
+            )
+
+    def handler(self, source: str) -> Callable[[Exception], bool]:
+        """WebDataset error handler of ``source``'s shards: count and continue with the next member or shard."""
+
+        def count(exc: Exception) -> bool:
+            self.skip(source, READ_ERROR, repr(exc)[:200])
+            return True
+
+        return count
 
 
 @dataclass
@@ -175,13 +317,15 @@ def _worker() -> tuple[int, int]:
 
 
 def _example(item: tuple[str, dict[str, Any]], processor: SampleProcessor, skips: SkipCounter) -> Example | None:
-    """A ``(source, raw)`` sample processed, or None when it is invalid (then counted)."""
+    """A ``(source, raw)`` sample processed, or None when it is invalid; counted either way."""
     source, raw = item
     try:
-        return processor(raw, source)
+        example = processor(raw, source)
     except InvalidSampleError as exc:
-        skips.add(exc.reason, exc.detail)
+        skips.skip(source, exc.reason, exc.detail)
         return None
+    skips.served(source)
+    return example
 
 
 def _process(
@@ -296,13 +440,14 @@ class TrainStream(IterableDataset):
         while True:
             path = rng.choices(paths, weights=counts)[0]
             got = 0
-            for raw in iter_raw_samples([path], handler=skips.handler):
+            for raw in iter_raw_samples([path], handler=skips.handler(source.name)):
                 got += 1
                 yield raw
             empty = 0 if got else empty + 1
             if empty >= _MAX_EMPTY_SHARDS:
                 raise RuntimeError(
-                    f"source {source.name}: {empty} shards in a row gave no sample ({dict(skips.counts)})"
+                    f"source {source.name}: {empty} shards in a row gave no sample "
+                    f"({skips.counts.skipped.get(source.name, {})}): check it with data_prep/verify_shards.py"
                 )
 
     def _raw_stream(self, worker: int, skips: SkipCounter) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -334,8 +479,8 @@ class TrainStream(IterableDataset):
         make = self._in_order if self.group_by is GroupBy.none else self._grouped
         for examples in make(raw, position, worker, skips):
             out = self.collator(examples)
-            out["_stream"] = {"epoch": self.epoch, "worker": worker, **copy.deepcopy(position)}
-            out["_stream"]["skipped"] = dict(skips.counts)
+            out["_stream"] = {"split": TRAIN, "epoch": self.epoch, "worker": worker, **copy.deepcopy(position)}
+            out["_stream"]["counts"] = skips.counts.to_dict()
             yield out
             if position["batches"] >= self.batches_per_worker():
                 return
@@ -444,14 +589,26 @@ class EvalStream(IterableDataset):
             # split_by_node, then split_by_worker
             mine = shards[self.rank :: self.world_size][worker::num_workers]
             for name, path in mine:
-                yield from ((name, raw) for raw in iter_raw_samples([path], handler=skips.handler))
+                yield from ((name, raw) for raw in iter_raw_samples([path], handler=skips.handler(name)))
             return
-        every = ((name, raw) for name, path in shards for raw in iter_raw_samples([path], handler=skips.handler))
+        # Every slot reads every shard here: only the first one counts read errors, so each counts once.
+        first = self.rank * num_workers + worker == 0
+
+        def handler(name: str) -> Callable[[Exception], bool]:
+            return skips.handler(name) if first else _keep_going
+
+        every = ((name, raw) for name, path in shards for raw in iter_raw_samples([path], handler=handler(name)))
         yield from itertools.islice(every, self.rank * num_workers + worker, None, slots)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, num_workers = _worker()
         skips = SkipCounter(f"eval rank {self.rank} worker {worker}", self.warn_interval_s)
         examples = _process(self._samples(worker, num_workers, skips), self.processor, skips)
-        while batch := list(itertools.islice(examples, self.micro_batch_size)):
-            yield self.collator(batch)
+        batch = list(itertools.islice(examples, self.micro_batch_size))
+        while batch:
+            # Read the next batch first, so that the last batch carries the counts of the worker's whole pass.
+            following = list(itertools.islice(examples, self.micro_batch_size))
+            out = self.collator(batch)
+            out["_stream"] = {"split": VAL, "worker": worker, "counts": skips.counts.to_dict()}
+            yield out
+            batch = following

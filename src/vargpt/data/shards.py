@@ -27,7 +27,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vargpt.data.records import IMAGE_MISSING, MALFORMED_ENTRY, InvalidSampleError, check_record, normalize_messages
+from vargpt.data.records import (
+    IMAGE_MISSING,
+    MALFORMED_ENTRY,
+    InvalidSampleError,
+    as_text,
+    check_record,
+    normalize_messages,
+)
 
 FORMAT = "vargpt-shards-v1"
 MANIFEST_NAME = "manifest.json"
@@ -185,7 +192,8 @@ def parse_record(raw: dict[str, Any], codes_ok: bool = False) -> tuple[dict[str,
     ``codes_ok``: an image whose member is absent but whose precomputed codes are present is None, not missing.
     """
     try:
-        record = json.loads(raw["json"])
+        # Decoded first, so bad UTF-8 is non_utf8 here as in the converters (json.loads would call it malformed).
+        record = json.loads(as_text(raw["json"], f"{raw.get('__key__')}: record"))
         names = record["images"]
         record["messages"] = normalize_messages(record["messages"])
         codes = record.get(GEN_CODES, {})
