@@ -128,7 +128,9 @@ def test_script_shapes_end_to_end(tmp_path, cached_model, monkeypatch, capsys):
     assert out_dir.name.startswith("eval-")
     assert {p.name for p in (out_dir / "shapes").iterdir()} >= {
         "vqa_predictions.jsonl", "t2i_predictions.jsonl", "scores.json", "images", "run.json",
+        "position_confusion.json",
     }  # fmt: skip
+    assert "t2i positions, asked (rows) vs judged" in stdout
     assert (out_dir / ".hydra" / "config.yaml").is_file()
 
 

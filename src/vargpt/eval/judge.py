@@ -350,7 +350,9 @@ class Verdict:
 
     ``colour`` / ``shape`` / ``both``: every asked object has its colour / its shape / both (the headline
     figures). ``size``, ``position``, ``background``: only when asked (None otherwise). ``count``: as many
-    significant objects as asked (reported, never part of ``both``).
+    significant objects as asked (reported, never part of ``both``). ``matched``: per asked object, the detected
+    object it was judged on (None when the image has fewer objects than asked), so a report can say where the
+    drawn object is, not only whether it is right.
     """
 
     colour: bool
@@ -361,6 +363,7 @@ class Verdict:
     position: bool | None = None
     background: bool | None = None
     analysis: Analysis | None = field(default=None, compare=False, repr=False)
+    matched: tuple[DetectedObject | None, ...] = field(default=(), compare=False, repr=False)
 
     def scores(self) -> dict[str, float]:
         """``{attribute: 0.0 or 1.0}`` for every attribute judged (those not asked are left out)."""
@@ -390,7 +393,7 @@ def judge_analysis(
     checked = ["colour", "shape"] + [a for a in ("size", "position") if a in requested]
     found = analysis.objects[: len(wanted)]
     best: list[dict[str, bool]] = [dict.fromkeys(checked, False) for _ in wanted]
-    best_key = (-1, -1)
+    best_key, best_assignment = (-1, -1), ()
     for assignment in itertools.permutations(range(len(wanted)), len(found)):
         hits = [dict.fromkeys(checked, False) for _ in wanted]
         for detected, target in zip(found, assignment, strict=True):
@@ -399,7 +402,10 @@ def judge_analysis(
                 hits[target][name] = value is None or getattr(detected, name) == value
         key = (sum(h["colour"] and h["shape"] for h in hits), sum(sum(h.values()) for h in hits))
         if key > best_key:
-            best, best_key = hits, key
+            best, best_key, best_assignment = hits, key, assignment
+    matched: list[DetectedObject | None] = [None] * len(wanted)
+    for detected, target in zip(found, best_assignment, strict=True):
+        matched[target] = detected
     return Verdict(
         colour=all(h["colour"] for h in best),
         shape=all(h["shape"] for h in best),
@@ -409,6 +415,7 @@ def judge_analysis(
         position=all(h["position"] for h in best) if "position" in requested else None,
         background=analysis.background == background if "background" in requested and background else None,
         analysis=analysis,
+        matched=tuple(matched),
     )
 
 

@@ -66,7 +66,8 @@ HEADLINE: dict[str, tuple[str, ...]] = {
     "seedbench": ("image/accuracy", "all/accuracy"),
     "mmmu": ("accuracy",),
     SHAPES: ("vqa/accuracy", "t2i/both", "t2i/colour", "t2i/shape", "t2i/image_rate", "t2i/reply_objects",
-             "t2i/both_when_reply_right", "t2i/clip_matched", "t2i/clip_shuffled", "vqvae/psnr"),
+             "t2i/both_when_reply_right", "t2i/position", "t2i/position_objects", "t2i/position_chance",
+             "t2i/clip_matched", "t2i/clip_shuffled", "vqvae/psnr"),
 }  # fmt: skip
 # Counts the table shows under the headline figures whenever they are not 0.
 WARNING_COUNTS = ("errors", "over_position_limit")
@@ -464,6 +465,9 @@ def run_shapes(
         wanted = {item.id for item in items}
         t2i_records = [r for r in read_predictions(t2i_path) if r["id"] in wanted]
         scores.update({f"t2i/{k}": v for k, v in se.score_t2i(t2i_records).items()})
+        confusion = se.position_confusion(t2i_records)
+        (folder / "position_confusion.json").write_text(json.dumps(confusion, indent=2))
+        progress("t2i positions, asked (rows) vs judged:\n" + se.format_position_confusion(confusion))
         if clip is not None:
             with_image = [r for r in t2i_records if r.get("image")]
             images = [Image.open(folder / r["image"]).convert("RGB") for r in with_image]

@@ -14,7 +14,12 @@ Half of them use wordings and (shape, colour) combinations never seen in trainin
   asked for them). A reply without an image counts as wrong. ``reply_objects`` is the share of replies whose
   text names every asked object as "<colour> <shape>" (the world's replies restate the instruction before the
   image), and ``both_when_reply_right`` the judge's ``both`` over those: together they tell a language model
-  that rewrote the instruction from an image that did not follow its own reply.
+  that rewrote the instruction from an image that did not follow its own reply. Each record also carries
+  ``matched``: per asked object, the attributes of the drawn object the judge compared it with (None: not
+  drawn). From those, :func:`position_confusion` counts asked against drawn cells and :func:`position_figures`
+  gives the position figures with their chance level (a model that ignores the asked position scores
+  ``position_chance``; ``t2i/position`` itself needs every asked object in its cell, two of them for a third of
+  the instructions, so its chance is lower still).
 * CLIP score (optional: only with a CLIP judge, e.g. the world's own open_clip): generated images against
   their own descriptions and against another sample's (shuffled); a model that follows its instructions
   scores clearly higher on the matched pairs.
@@ -39,14 +44,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vargpt.data.shapes import COLOURS, SHAPES, Scene, describe, make_sample_spec, render_scene
-from vargpt.eval.judge import ShapesJudge, get_judge
+from vargpt.data.shapes import COLOURS, POSITIONS, SHAPES, Scene, describe, make_sample_spec, render_scene
+from vargpt.eval.judge import ShapesJudge, Verdict, get_judge
 from vargpt.eval.vqa import normalize_answer
 from vargpt.model.sampling_config import SamplingConfig
 
 log = logging.getLogger(__name__)
 
 SPLIT = "val"
+# The judged cell of an asked object that the image does not show (fewer objects drawn than asked).
+NOT_DRAWN = "none"
 
 
 @dataclass(frozen=True)
@@ -194,8 +201,10 @@ def draw_t2i(
         )
         for item, out in zip(batch, outputs, strict=True):
             image = out.images[0] if out.images else None
+            matched: list[dict[str, str] | None] = [None] * len(item.scene["objects"])
             if image is not None:
-                verdict = judge.judge(image, item.scene, item.requested).scores()
+                judged = judge.judge(image, item.scene, item.requested)
+                verdict, matched = judged.scores(), matched_attributes(judged)
             else:  # no image: every judged attribute is wrong
                 verdict = dict.fromkeys(("colour", "shape", "both", "count"), 0.0)
                 verdict.update(
@@ -203,9 +212,22 @@ def draw_t2i(
                 )
             names = float(reply_names_objects(out.text, item.scene))
             record = item.record(
-                reply=out.text, seed=out.seed, has_image=float(image is not None), reply_objects=names, **verdict
+                reply=out.text,
+                seed=out.seed,
+                has_image=float(image is not None),
+                reply_objects=names,
+                matched=matched,
+                **verdict,
             )
             yield record, image
+
+
+def matched_attributes(verdict: Verdict) -> list[dict[str, str] | None]:
+    """Per asked object, the colour, shape, size and position of the drawn object it was judged on (JSON)."""
+    return [
+        None if obj is None else {"colour": obj.colour, "shape": obj.shape, "size": obj.size, "position": obj.position}
+        for obj in verdict.matched
+    ]
 
 
 def reply_names_objects(reply: str, scene: Mapping[str, Any]) -> bool:
@@ -216,7 +238,7 @@ def reply_names_objects(reply: str, scene: Mapping[str, Any]) -> bool:
 def score_t2i(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Judge accuracies in percent (colour, shape, both, and size / position / background over the instructions
     that asked for them), the share of replies with an image, ``both`` on unseen wordings / combinations, the
-    share of replies naming every asked object and ``both`` over those replies."""
+    share of replies naming every asked object and ``both`` over those replies; and :func:`position_figures`."""
     groups: dict[str, list[float]] = defaultdict(list)
     for r in records:
         groups["image_rate"].append(r["has_image"])
@@ -230,7 +252,63 @@ def score_t2i(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
             groups["reply_objects"].append(r["reply_objects"])
             if r["reply_objects"]:
                 groups["both_when_reply_right"].append(r["both"])
-    return {"n": float(len(records)), **{name: _percent(values) for name, values in sorted(groups.items())}}
+    scores = {name: _percent(values) for name, values in sorted(groups.items())}
+    return {"n": float(len(records)), **scores, **position_figures(records)}
+
+
+def _asked_and_drawn(records: Sequence[Mapping[str, Any]]) -> Iterator[tuple[Mapping[str, Any], dict[str, str] | None]]:
+    """(asked object, matched drawn object or None) over the instructions that asked for positions."""
+    for r in records:
+        if "position" in r.get("requested", ()) and "matched" in r:  # older records lack ``matched``
+            yield from zip(r["scene"]["objects"], r["matched"], strict=True)
+
+
+def position_confusion(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+    """``{asked cell: {judged cell or NOT_DRAWN: count}}`` over every asked object of the instructions that asked
+    for positions (all 9 x 10 cells present, zeros included)."""
+    confusion = {asked: dict.fromkeys((*POSITIONS, NOT_DRAWN), 0) for asked in POSITIONS}
+    for asked, drawn in _asked_and_drawn(records):
+        confusion[asked["position"]][NOT_DRAWN if drawn is None else drawn["position"]] += 1
+    return confusion
+
+
+def position_figures(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Position figures per asked object, in percent (empty without position-asking records that carry
+    ``matched``):
+
+    * ``position_objects``: asked objects whose drawn object lies in the asked cell;
+    * ``position_chance``: the same for a model that ignores the asked cell, from the confusion's margins
+      (sum over cells of asked share x judged share);
+    * ``position_when_found``: over the asked objects drawn in the right colour and shape (``..._n`` of them;
+      left out when there are none)."""
+    pairs = list(_asked_and_drawn(records))
+    if not pairs:
+        return {}
+    confusion = position_confusion(records)
+    asked_n = {cell: sum(row.values()) for cell, row in confusion.items()}
+    judged_n = {cell: sum(row[cell] for row in confusion.values()) for cell in POSITIONS}
+    chance = sum(asked_n[cell] * judged_n[cell] for cell in POSITIONS) / len(pairs) ** 2
+    hits = [drawn is not None and drawn["position"] == asked["position"] for asked, drawn in pairs]
+    found = [
+        drawn["position"] == asked["position"]
+        for asked, drawn in pairs
+        if drawn is not None and (drawn["colour"], drawn["shape"]) == (asked["colour"], asked["shape"])
+    ]
+    figures = {"position_objects": _percent(hits), "position_chance": 100.0 * chance}
+    if found:  # left out rather than NaN, which never equals itself (a resumed run compares its scores)
+        figures["position_when_found"] = _percent(found)
+    return {**figures, "position_when_found_n": float(len(found))}
+
+
+def format_position_confusion(confusion: Mapping[str, Mapping[str, int]]) -> str:
+    """The confusion as a text table: one row per asked cell, one column per judged cell (and NOT_DRAWN)."""
+    columns = [*POSITIONS, NOT_DRAWN]
+    width = max(len(c) for c in columns) + 1
+    lines = ["asked \\ judged".ljust(width) + "".join(c.rjust(width) for c in columns)]
+    lines += [
+        asked.ljust(width) + "".join(str(row[c]).rjust(width) for c in columns) for asked, row in confusion.items()
+    ]
+    return "\n".join(lines)
 
 
 def clip_figures(clip: Any, images: Sequence[Image.Image], texts: Sequence[str]) -> dict[str, float]:
@@ -365,6 +443,7 @@ def evaluate_shapes(
         seconds = time.perf_counter() - start
         records = [record for record, _ in drawn]
         figures.update({f"t2i/{k}": v for k, v in score_t2i(records).items()})
+        log.info("t2i positions, asked (rows) vs judged:\n%s", format_position_confusion(position_confusion(records)))
         figures["t2i/images_per_s"] = sum(r["has_image"] for r in records) / seconds
         if clip is not None:
             images = [image for _, image in drawn if image is not None]
