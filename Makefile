@@ -45,6 +45,8 @@ lint: $(STAMP) ## ruff lint and format check
 	$(BIN)/ruff check src tests data_prep bench
 	$(BIN)/ruff format --check src tests data_prep bench
 
+# A stage that fails or is preempted (src/train.py exits 1, or 143 after SIGTERM) stops the demo there; the
+# same `make demo` resumes it. make itself then exits 2: a scheduler script should call src/train.py directly.
 demo: $(STAMP) ## the three VARGPT stages on the embedded default (tiny model, shapes world), then evaluation
 	$(BIN)/python src/train.py stage=pretrain paths.log_dir=$(LOG_DIR) $(ARGS)
 	$(BIN)/python src/train.py stage=sft_mixed stage.num_samples=$(DEMO_STAGE2_SAMPLES) paths.log_dir=$(LOG_DIR) $(ARGS)

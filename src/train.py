@@ -12,6 +12,9 @@
 
 Everything lands under paths.log_dir (default logs/): runs/<run_name>/ (checkpoints, export, summary) and
 mlflow.db (make mlflow-ui). See conf/train.yaml for the groups and src/vargpt/config.py for every key.
+
+Exit status: 0 done, 1 failed, 143 preempted (SIGTERM: saved at the next optimizer step; the same command
+resumes). Rerunning a completed run's command finishes whatever an interrupted end left out. docs/faults.md.
 """
 
 import sys

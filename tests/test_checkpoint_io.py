@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from vargpt.checkpoint import UnsafeCheckpointError, load_weights, open_checkpoi
 from vargpt.checkpoint.io import (
     SAFE_INDEX,
     CheckpointFormatError,
+    CorruptCheckpointError,
     MemorySource,
     load_torch_file,
     save_torch_state_dict,
@@ -46,7 +48,7 @@ def evil_files(tmp_path):
 def test_code_executing_pickle_is_refused_and_never_runs(evil_files, tmp_path):
     marker, files = evil_files
     for path in files:
-        with pytest.raises(UnsafeCheckpointError, match="refused"):
+        with pytest.raises(UnsafeCheckpointError, match=f"^{re.escape(str(path))}: holds Python code.*will not be"):
             open_checkpoint(path)
         with pytest.raises(UnsafeCheckpointError):
             load_weights(torch.nn.Linear(2, 2), path)
@@ -125,3 +127,24 @@ def test_nested_state_dicts_are_unwrapped(tmp_path):
     torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)  # pre-1.6 format
     legacy = read_state_dict(tmp_path / "legacy.pth")
     assert all(torch.equal(legacy[k], v) for k, v in state.items())
+
+
+def _cut(path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("where", ["file", "folder", "shard", "torch"])
+def test_a_file_cut_short_is_named(tmp_path, where):
+    """An interrupted write or copy: the error names the damaged file (safetensors' and torch's own do not)."""
+    tensors = MemorySource({"a.weight": torch.randn(64, 64), "b.weight": torch.randn(64, 64)})
+    if where == "torch":
+        damaged = save_torch_state_dict(dict(tensors), tmp_path / "w.pth")
+        opened = damaged
+    else:
+        files = write_safetensors(tensors, tmp_path / "m", max_shard_size=20000 if where == "shard" else "5GB")
+        damaged = files[0]
+        opened = damaged if where == "file" else tmp_path / "m"
+    _cut(damaged)
+    with pytest.raises(CorruptCheckpointError, match=f"^{re.escape(str(damaged))}: cannot be read, .*cut short"):
+        open_checkpoint(opened)

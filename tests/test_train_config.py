@@ -111,6 +111,33 @@ def test_validation_catches_cross_field_mistakes():
         validate(cfg)
 
 
+@pytest.mark.parametrize(
+    "override",
+    [
+        "data.micro_batch_size=0",
+        "data.micro_batch_size=-4",
+        "data.val_micro_batch_size=0",
+        "data.samples_per_epoch=0",
+        "data.cutoff_len=0",
+        "stage.num_samples=0",
+        "stage.global_batch_size=-1",
+        "trainer.num_nodes=0",
+    ],
+)
+def test_counts_must_be_positive(override):
+    """Zero or negative counts fail at validation naming the key (micro_batch_size=0 was a late ZeroDivisionError)."""
+    key, value = override.split("=")
+    cfg = compose_cfg("stage=pretrain", override)
+    with pytest.raises(ValueError, match=f"^{key} must be positive, got {value}$"):
+        validate(cfg)
+
+
+def test_recipe_micro_batch_must_be_positive():
+    cfg = compose_cfg("stage=world_lm", "~experiment", "stage.recipe.micro_batch_size=0")
+    with pytest.raises(ValueError, match="^stage.recipe.micro_batch_size must be positive, got 0$"):
+        validate(cfg)
+
+
 def _has_submitit_plugin() -> bool:
     try:
         return importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from vargpt.config import register_configs
 from vargpt.data.shapes import ensure_shapes_world
-from vargpt.training.checkpointing import stage_record_path
+from vargpt.training.checkpointing import PreemptedError, stage_record_path
 from vargpt.training.task import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -207,8 +207,8 @@ def test_resume_gives_the_same_losses(data_dir, tmp_path, straight):
 
 
 def test_sigterm_mid_accumulation_then_resume(data_dir, tmp_path, straight):
-    """SIGTERM during step 3's accumulation: step 3 completes, is saved, the run stops cleanly (no stage record);
-    the same command again resumes at step 4, and every loss equals the uninterrupted run's."""
+    """SIGTERM during step 3's accumulation: step 3 completes, is saved, the run stops with PreemptedError (no
+    stage record); the same command again resumes at step 4, and every loss equals the uninterrupted run's."""
     # Micro batches 0..7 make steps 1..4 (accumulation 2); after micro batch 4 step 3 is half done. The
     # resumed run starts at micro batch 6, so the same command does not signal again.
     losses_straight, _ = straight
@@ -218,7 +218,9 @@ def test_sigterm_mid_accumulation_then_resume(data_dir, tmp_path, straight):
         "+callbacks.extra.kill={_target_:test_train_run.SigtermAtMicroBatch,index:5}",
     ]
     handler = signal.getsignal(signal.SIGTERM)
-    first, _ = run(command)
+    first = compose_train(command)
+    with pytest.raises(PreemptedError, match="at step 3.*rerun the same command"):
+        train(first)
     assert signal.getsignal(signal.SIGTERM) == handler  # restored
     run_dir = Path(first.paths.run_dir)
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)

@@ -27,7 +27,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from vargpt.backbones.config import RecipeConfig
-from vargpt.data.config import DataConfig
+from vargpt.data.config import DataConfig, check_data_config
 from vargpt.model.config import ModelConfig, register_resolvers
 
 STAGE_NAMES = ("pretrain", "sft_mixed", "sft_gen")
@@ -36,6 +36,19 @@ WORLD_STAGE_NAMES = (
     "world_vqvae", "world_var", "world_vision", "world_lm", "world_clip", "world_llava_align", "world_llava_sft",
 )  # fmt: skip
 EXPORT_DTYPES = ("bf16", "fp32", "none")
+# Counts that a zero or negative value would break late (a division by zero, a negative stream length) instead
+# of at validation; null (where allowed) means "use the default".
+POSITIVE_KEYS = (
+    "stage.global_batch_size",
+    "stage.num_samples",
+    "stage.recipe.micro_batch_size",
+    "data.micro_batch_size",
+    "data.val_micro_batch_size",
+    "data.samples_per_epoch",
+    "data.prefetch_factor",
+    "data.cutoff_len",
+    "trainer.num_nodes",
+)
 
 
 # --------------------------------------------------------------------------------------------- stage (VARGPT 1-3)
@@ -269,9 +282,10 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"stage.previous_stage={stage.previous_stage!r}: expected one of {known} or null")
     if stage.init_from == "previous" and stage.previous_stage is None:
         raise ValueError(f"stage.init_from=previous needs stage.previous_stage (one of {known})")
-    for key in ("global_batch_size", "num_samples"):
-        if stage[key] <= 0:
-            raise ValueError(f"stage.{key} must be positive, got {stage[key]}")
+    for key in POSITIVE_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value <= 0:
+            raise ValueError(f"{key} must be positive, got {value}")
     if not 0.0 <= stage.scheduler.warmup_ratio < 1.0:
         raise ValueError(f"stage.scheduler.warmup_ratio must be in [0, 1), got {stage.scheduler.warmup_ratio}")
     if stage.recipe is None and not any(stage.trainable.values()):
@@ -282,6 +296,7 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.data.gen_resize_ratio < 1.0:
         raise ValueError(f"data.gen_resize_ratio must be >= 1.0 (VAR: 1.125), got {cfg.data.gen_resize_ratio}")
+    check_data_config(cfg.data)
     if not str(cfg.resume).strip():
         raise ValueError("resume: expected auto | true | false | a checkpoint path")
 

@@ -12,6 +12,7 @@ Weights are read only with safetensors or ``torch.load(weights_only=True)``; tok
 
 from vargpt.checkpoint.io import (
     CheckpointFormatError,
+    CorruptCheckpointError,
     TensorSource,
     UnsafeCheckpointError,
     open_checkpoint,
@@ -34,6 +35,7 @@ __all__ = [
     "CheckpointMismatchError",
     "LoadReport",
     "TensorSource",
+    "CorruptCheckpointError",
     "UnsafeCheckpointError",
     "build_from_folder",
     "detect_kind",

@@ -3,7 +3,8 @@
 Nothing here unpickles arbitrary objects. ``.pth``/``.pt``/``.bin``/``.ckpt`` files go through
 ``torch.load(weights_only=True)`` (passed explicitly, so no environment variable can turn it off), whose
 restricted unpickler refuses any global outside tensors, dicts, lists and numbers: a pickle built to run code
-raises :class:`UnsafeCheckpointError` before anything runs. Every other format is refused by name.
+raises :class:`UnsafeCheckpointError` before anything runs. Every other format is refused by name. A file cut
+short or damaged (an interrupted write or copy) raises :class:`CorruptCheckpointError` naming it.
 
 Reading is lazy where the format allows: :class:`TensorSource` gives keys, shapes and dtypes without reading
 the data, so a 9 B checkpoint can be checked against a model built on the meta device and copied shard by shard.
@@ -53,6 +54,18 @@ class UnsafeCheckpointError(RuntimeError):
 
 class CheckpointFormatError(ValueError):
     """A path that is not a checkpoint this package reads (wrong suffix, no weights in a folder, bad index)."""
+
+
+class CorruptCheckpointError(CheckpointFormatError):
+    """A checkpoint file that is cut short or damaged (an interrupted write or copy): it cannot be read."""
+
+
+def _corrupt(path: Path, err: BaseException) -> CorruptCheckpointError:
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return CorruptCheckpointError(
+        f"{path}: cannot be read, the file is cut short or damaged ({reason}); an interrupted write or copy "
+        "leaves such a file. Copy or export it again, or use another checkpoint"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -107,8 +120,6 @@ class SafetensorsSource(TensorSource):
     """One or more safetensors files; tensors are read on access, headers only at open."""
 
     def __init__(self, weight_map: Mapping[str, Path], label: str) -> None:
-        from safetensors import safe_open
-
         self.label = label
         self._files: dict[Path, Any] = {}
         self._where: dict[str, Path] = {}
@@ -116,7 +127,7 @@ class SafetensorsSource(TensorSource):
         for path in dict.fromkeys(weight_map.values()):
             if not path.is_file():
                 raise CheckpointFormatError(f"{label}: shard {path} listed in the index is missing")
-            handle = safe_open(str(path), framework="pt", device="cpu")
+            handle = _open_safetensors(path)
             self._files[path] = handle
             for key in handle.keys():  # noqa: SIM118 (safe_open is not a Mapping)
                 if weight_map.get(key, path) != path:
@@ -213,29 +224,50 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_torch_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """``torch.load(weights_only=True)`` of a .pth/.ckpt, unwrapped to its flat ``{key: tensor}`` state dict.
+    """``torch.load(weights_only=True)`` of a .pth/.ckpt, unwrapped to its flat ``{key: tensor}`` state dict."""
+    return _unwrap_state_dict(load_torch_object(path), str(path))
+
+
+def load_torch_object(path: str | Path, mmap: bool = True) -> Any:
+    """The whole object of a torch file (a state dict, a Lightning checkpoint with its optimizer and loop state),
+    read on the CPU with ``torch.load(weights_only=True)``: the one reader of ``.pth``/``.ckpt`` files, for
+    ``init_from`` and for resuming alike.
 
     Refuses (:class:`UnsafeCheckpointError`) anything the restricted unpickler rejects: such a file is never
-    unpickled with the full unpickler, whatever the caller or the environment asks.
+    unpickled with the full unpickler, whatever the caller or the environment (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``)
+    asks. A file cut short raises :class:`CorruptCheckpointError`. ``mmap`` maps the tensors' bytes instead of
+    reading them (cheap for a look at a big checkpoint's metadata).
     """
     path = Path(path)
     try:
-        obj = _torch_load(path, mmap=True)
+        try:
+            return _torch_load(path, mmap=mmap)
+        except RuntimeError as err:
+            if not mmap or "mmap" not in str(err):
+                raise
+            return _torch_load(path, mmap=False)  # legacy (non-zip) torch.save format: cannot be mapped
+    except (UnsafeCheckpointError, FileNotFoundError, PermissionError):
+        raise
+    except (OSError, EOFError, pickle.UnpicklingError) as err:
+        # torch reports a cut-short zip as EINVAL, a cut-short legacy pickle as EOF or a truncated pickle.
+        raise _corrupt(path, err) from None
     except RuntimeError as err:
-        if "mmap" not in str(err) and "zip" not in str(err).lower():
+        if "zip" not in str(err).lower():
             raise
-        obj = _torch_load(path, mmap=False)  # legacy (non-zip) torch.save format
-    return _unwrap_state_dict(obj, str(path))
+        raise _corrupt(path, err) from None
 
 
 def _torch_load(path: Path, mmap: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
+        if "weights only" not in str(err).lower():
+            raise  # not a refusal: a damaged pickle (load_torch_object says so)
         raise UnsafeCheckpointError(
-            f"{path}: refused to load: it holds Python objects other than tensors and containers, and reading it "
-            "would mean unpickling arbitrary code. Convert it to safetensors (or a plain state dict) in an "
-            f"environment you trust. torch said: {str(err).splitlines()[0]}"
+            f"{path}: holds Python code (objects other than tensors, numbers, strings and containers) and will not "
+            "be loaded: reading it would run that code. If you made it yourself, convert it to safetensors (or a "
+            "plain state dict) where you trust it; otherwise delete it. "
+            f"torch said: {str(err).splitlines()[0]}"
         ) from None
 
 
@@ -258,10 +290,19 @@ def _unwrap_state_dict(obj: Any, label: str) -> dict[str, torch.Tensor]:
     raise CheckpointFormatError(f"{label}: no state dict found (got {type(obj).__name__})")
 
 
-def _single_file_map(path: Path) -> dict[str, Path]:
-    from safetensors import safe_open
+def _open_safetensors(path: Path) -> Any:
+    """``safe_open`` of one file; a file cut short or damaged raises :class:`CorruptCheckpointError` naming it
+    (safetensors' own error names no file)."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except SafetensorError as err:
+        raise _corrupt(path, err) from None
+
+
+def _single_file_map(path: Path) -> dict[str, Path]:
+    with _open_safetensors(path) as f:
         return dict.fromkeys(f.keys(), path)
 
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import astuple, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -50,7 +52,8 @@ class RunStats:
     samples: int = 0
     tokens: int = 0
     train_seconds: float = 0.0
-    peak_memory_gib: float = 0.0
+    # None when not measured (a summary written by a rerun that finished a complete run without training).
+    peak_memory_gib: float | None = None
     mfu: float | None = None
 
 
@@ -151,8 +154,9 @@ def format_summary(
         f"  tokens seen       {stats.tokens:,}",
         f"  training time     {secs:,.1f} s",
         f"  throughput        {stats.samples / secs:,.2f} samples/s, {stats.tokens / secs:,.0f} tokens/s",
-        f"  peak memory       {stats.peak_memory_gib:.2f} GiB",
     ]
+    if stats.peak_memory_gib is not None:
+        lines.append(f"  peak memory       {stats.peak_memory_gib:.2f} GiB")
     if stats.mfu is not None:
         lines.append(f"  MFU               {100 * stats.mfu:.1f} %")
     if final:
@@ -166,11 +170,21 @@ def format_summary(
 
 class RunSummary(Callback):
     """Prints and records the end-of-run summary (rank 0), inside the training process so every launcher
-    (spawned ranks included) reports it; the text lands in ``<run_dir>/summary.txt`` and in MLflow."""
+    (spawned ranks included) reports it; the text lands in ``<run_dir>/summary.txt`` and in MLflow. ``sections``
+    give further lines (e.g. ``DataHealth.summary``), computed by callbacks that run before this one."""
 
-    def __init__(self, throughput: ThroughputMonitor, end: Any, export: Any, run_dir: Any, location: Any) -> None:
+    def __init__(
+        self,
+        throughput: ThroughputMonitor,
+        end: Any,
+        export: Any,
+        run_dir: Any,
+        location: Any,
+        sections: Sequence[Callable[[], str]] = (),
+    ) -> None:
         self.throughput, self.end, self.export = throughput, end, export
         self.run_dir, self.location = run_dir, location
+        self.sections = sections
         self.text = ""
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -193,19 +207,23 @@ class RunSummary(Callback):
             self.location(trainer.logger),
             status,
         )
-        print(self.text, flush=True)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "summary.txt").write_text(self.text + "\n")
-        if trainer.logger is not None:
-            summary = {
-                "summary/samples": stats.samples,
-                "summary/tokens": stats.tokens,
-                "summary/seconds": stats.train_seconds,
-            }
-            summary["summary/peak_memory_gib"] = stats.peak_memory_gib
-            if stats.mfu is not None:
-                summary["summary/mfu"] = stats.mfu
-            trainer.logger.log_metrics(summary, step=trainer.global_step)
-            experiment = getattr(trainer.logger, "experiment", None)
-            if hasattr(experiment, "log_artifact") and hasattr(trainer.logger, "run_id"):
-                experiment.log_artifact(trainer.logger.run_id, str(self.run_dir / "summary.txt"))
+        self.text = "\n".join([self.text, *filter(None, (section() for section in self.sections))])
+        record_summary(self.text, stats, self.run_dir, trainer.logger, trainer.global_step)
+
+
+def record_summary(text: str, stats: RunStats, run_dir: Path, logger: Any, step: int) -> None:
+    """Print the summary, write ``<run_dir>/summary.txt``, and log its figures and the file to the logger."""
+    print(text, flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "summary.txt").write_text(text + "\n")
+    if logger is None:
+        return
+    summary = {"summary/samples": stats.samples, "summary/tokens": stats.tokens, "summary/seconds": stats.train_seconds}
+    if stats.peak_memory_gib is not None:
+        summary["summary/peak_memory_gib"] = stats.peak_memory_gib
+    if stats.mfu is not None:
+        summary["summary/mfu"] = stats.mfu
+    logger.log_metrics(summary, step=step)
+    experiment = getattr(logger, "experiment", None)
+    if hasattr(experiment, "log_artifact") and hasattr(logger, "run_id"):
+        experiment.log_artifact(logger.run_id, str(run_dir / "summary.txt"))

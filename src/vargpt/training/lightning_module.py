@@ -26,6 +26,7 @@ from torch import nn
 
 from vargpt.model.vargpt import HOST_COUNTS, BatchCounts
 from vargpt.training.callbacks import is_log_step
+from vargpt.training.checkpointing import SafeCheckpointIO
 from vargpt.training.optim import accumulation_steps, build_scheduler, param_groups
 from vargpt.training.parallel import align_branches, apply_activation_checkpointing, build_strategy, shard_fsdp2
 from vargpt.training.stage import apply_stage, set_frozen_eval
@@ -259,6 +260,8 @@ def build_trainer(cfg: DictConfig, max_steps: int, callbacks: list[pl.Callback],
         callbacks=callbacks,
         logger=logger if logger is not None else False,
         default_root_dir=cfg.paths.run_dir,
+        # Resume checkpoints are read like init_from's: weights_only, whatever the environment says.
+        plugins=[SafeCheckpointIO()],
     )
 
 
