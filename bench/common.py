@@ -7,16 +7,17 @@ omegaconf, webdataset, mlflow or open_clip), so nothing here imports those at mo
   omegaconf is installed, else with PyYAML into the same ``ModelConfig`` dataclasses (same overrides syntax);
 * ``load_stage`` reads ``conf/stage/<name>.yaml`` with PyYAML (the stage's ``trainable`` prefixes and batch).
 
-Importing this module has no side effects beyond putting ``src/`` on ``sys.path`` when ``vargpt`` is not
-installed (a bare checkout on the GPU machine).
+Importing this module has no side effects; ``vargpt`` must be importable (installed, or ``PYTHONPATH=src``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import enum
 import json
 import os
+import platform
 import resource
 import statistics
 import sys
@@ -26,15 +27,15 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+import transformers
+import yaml
+
+from vargpt.model import load_model_config
+from vargpt.model.config import REPO_ROOT, ModelConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-
-try:  # a bare checkout (GPU machine): use src/ directly
-    import vargpt  # noqa: F401
-except ImportError:  # pragma: no cover - depends on the environment
-    sys.path.insert(0, str(ROOT / "src"))
-
-import torch  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ arguments
@@ -117,20 +118,14 @@ def load_model_cfg(name: str, overrides: Sequence[str] = ()) -> Any:
     """A validated ``ModelConfig`` from ``conf/model/<name>.yaml`` (or a path) and dotted overrides."""
     path = model_yaml(name)
     try:
-        import omegaconf  # noqa: F401
+        import omegaconf  # noqa: F401 - a probe: the GPU image has no omegaconf
     except ImportError:
         return _load_model_cfg_yaml(path, overrides)
-    from vargpt.model import load_model_config
-
     return load_model_config(path, list(overrides))
 
 
 def _load_model_cfg_yaml(path: Path, overrides: Sequence[str]) -> Any:
     """PyYAML fallback of ``load_model_config``; the one interpolation the model files use is ``${vargpt_repo:}``."""
-    import yaml
-
-    from vargpt.model.config import REPO_ROOT, ModelConfig
-
     data = yaml.safe_load(path.read_text().replace("${vargpt_repo:}", str(REPO_ROOT))) or {}
     for item in overrides:
         key, value = item.split("=", 1)
@@ -173,8 +168,6 @@ def _build_dataclass(cls: type, data: dict[str, Any], where: str) -> Any:
 
 def load_stage(name: str) -> dict[str, Any]:
     """The ``stage`` node of ``conf/stage/<name>.yaml`` (name, trainable prefixes, global batch...)."""
-    import yaml
-
     path = CONF / "stage" / f"{name}.yaml"
     if not path.is_file():
         known = sorted(q.stem for q in (CONF / "stage").glob("*.yaml"))
@@ -269,8 +262,6 @@ def cpu_memory_returns_to_os() -> None:
     """Make glibc give freed tensor memory back at once (fixed 64 KiB mmap threshold), so that the RSS between
     steps is what the process holds and the RSS peak of a step shows its activations. Linux/glibc only."""
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (also turns off glibc's dynamic threshold)
         libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
@@ -367,13 +358,6 @@ def write_json(path: str | None, record: dict[str, Any]) -> None:
 
 
 def environment() -> dict[str, str]:
-    import platform
-
     info = {"torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:  # pragma: no cover
-        pass
+    info["transformers"] = transformers.__version__
     return info

@@ -1,9 +1,9 @@
 """Data throughput on this machine: world build time, converter throughput, pipeline samples/s (0/1/2 workers).
 
-    .venv/bin/python bench/data.py                 # full run (~3 minutes on 2 cores)
-    .venv/bin/python bench/data.py --quick         # smaller sizes, for a smoke test
-    .venv/bin/python bench/data.py --pipeline-only --group-by none,length,modality_length   # length grouping
-    .venv/bin/python bench/data.py --pipeline-only --gen-codes --repeats 3   # precomputed VQ codes vs pixels
+    .venv/bin/python -m bench.data                 # full run (~3 minutes on 2 cores)
+    .venv/bin/python -m bench.data --quick         # smaller sizes, for a smoke test
+    .venv/bin/python -m bench.data --pipeline-only --group-by none,length,modality_length   # length grouping
+    .venv/bin/python -m bench.data --pipeline-only --gen-codes --repeats 3   # precomputed VQ codes vs pixels
 
 Pipeline figures are steady-state (after the first batch, which includes worker start-up), for the tiny
 model (conf/model/tiny.yaml: 32 px understanding, 64 px generation, L = 130) on the shapes world, and for the
@@ -12,7 +12,7 @@ LLaVA-style shards of 500x375 JPEGs, tokenised with the world's tokenizer (no Ll
 Every pipeline row also gives its padding: the share of the batches' token slots (B x T) that are padding, the
 LLM work a step wastes. ``--group-by`` runs the pipeline rows once per grouping (``data.group_by``, pools of
 ``--group-batches`` micro batches of 16). ``--gen-codes`` adds generation rows served as pixels and as precomputed
-VQ codes (``data.gen_codes``; the sources encoded by ``vargpt.data.gen_codes`` with a randomly initialised VQ-VAE
+VQ codes (``data.gen_codes``; the sources encoded by ``vargpt.inference.gen_codes`` with a randomly initialised VQ-VAE
 of the model's schedule: a loader's speed does not depend on the weights; at the 7B sizes a 32-channel one, to
 encode on a CPU in seconds). ``--repeats N`` runs all pipeline rows N times in turns and keeps each one's best
 rate (a shared machine's load varies).
@@ -38,11 +38,12 @@ from PIL import Image
 
 from vargpt.checkpoint.io import MemorySource, write_safetensors
 from vargpt.data.config import DataConfig, GroupBy, SourceConfig
-from vargpt.data.convert import AnnotationConverter, ConvertOptions, run_conversion
 from vargpt.data.datamodule import VARGPTDataModule
-from vargpt.data.gen_codes import GenCodesConverter
+from vargpt.data.dataset_formats import AnnotationConverter
+from vargpt.data.datasets_to_shards import ConvertOptions, run_conversion
 from vargpt.data.shapes import build_shapes_world
 from vargpt.data.tokenizer import load_tokenizer
+from vargpt.inference.gen_codes import GenCodesConverter
 from vargpt.model.config import load_model_config
 from vargpt.model.vqvae import vqvae_from_config
 

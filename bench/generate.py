@@ -1,11 +1,11 @@
 """Generation speed per batch size: VARGPT images (LLM and VAR parts timed apart), VARGPT text, and the
 class-conditional VAR decoder (``build_var`` path, ``VAR.sample`` + VQ-VAE decode). Prints tables; not a test.
 
-    python bench/generate.py                                          # tiny model, batch 1,8,32,64
-    python bench/generate.py batch_sizes=1,8 repeats=2 threads=1      # quicker; 1 thread on a busy CPU
-    python bench/generate.py model=vargpt_llava_7b precision=bf16-true batch_sizes=1,8   # real sizes (GPU)
-    python bench/generate.py parts=var var=d16 precision=bf16-mixed    # VAR-d16 alone: the issue's GPU bar
-    python bench/generate.py --help
+    python -m bench.generate                                          # tiny model, batch 1,8,32,64
+    python -m bench.generate batch_sizes=1,8 repeats=2 threads=1      # quicker; 1 thread on a busy CPU
+    python -m bench.generate model=vargpt_llava_7b precision=bf16-true batch_sizes=1,8   # real sizes (GPU)
+    python -m bench.generate parts=var var=d16 precision=bf16-mixed    # VAR-d16 alone: the issue's GPU bar
+    python -m bench.generate --help
 
 Weights are random (speed does not depend on them); the tokenizer is a throwaway BPE trained in a second.
 Every figure is the median of ``repeats`` timed calls after ``warmup`` untimed ones. ``latency`` is the wall
@@ -20,16 +20,12 @@ d16 6.6 img/s at batch 1 (152 ms), 146 img/s at batch 64; d30 4.2 img/s at batch
 from __future__ import annotations
 
 import contextlib
-import sys
 import tempfile
-from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-from common import (  # noqa: E402
+from bench.common import (
     device_name,
     environment,
     load_model_cfg,
@@ -42,6 +38,10 @@ from common import (  # noqa: E402
     timed,
     write_json,
 )
+from vargpt.data.tokenizer import train_world_tokenizer
+from vargpt.inference import GenerationStats, generate
+from vargpt.model import build_var, build_vqvae
+from vargpt.model.vargpt import build_vargpt
 
 DEFAULTS: dict[str, Any] = {
     "model": "tiny",  # conf/model/<name>.yaml or a yaml path
@@ -81,9 +81,6 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 def build_vargpt_model(name: str, device: torch.device, weights: torch.dtype, seed: int):
     """A random VARGPT of the model config with a throwaway BPE tokenizer (the world tokenizer's recipe)."""
-    from vargpt.data.tokenizer import train_world_tokenizer
-    from vargpt.model.vargpt import build_vargpt
-
     cfg = load_model_cfg(name)
     tokenizer = train_world_tokenizer(TOKENIZER_TEXTS, tempfile.mkdtemp(), vocab_size=1000)
     torch.manual_seed(seed)
@@ -93,8 +90,6 @@ def build_vargpt_model(name: str, device: torch.device, weights: torch.dtype, se
 
 
 def bench_images(model, args: dict[str, Any], device: torch.device, amp: torch.dtype | None) -> None:
-    from vargpt.model.generation import GenerationStats
-
     keys = ("uncond", "cfg", "top_k", "top_p")
     sampling = {"max_new_tokens": 1, **{k: args[k] for k in keys}}
     rows = []
@@ -103,7 +98,7 @@ def bench_images(model, args: dict[str, Any], device: torch.device, amp: torch.d
 
         def call(stats=None, prompts=prompts):
             with autocast(device, amp):
-                model.generate(prompts, sampling=sampling, force_image=True, return_pil=False, stats=stats)
+                generate(model, prompts, sampling=sampling, force_image=True, return_pil=False, stats=stats)
 
         reset_peak_memory(device)
         latency = median(timed(call, device, args["warmup"], args["repeats"]))
@@ -155,7 +150,7 @@ def bench_text(model, args: dict[str, Any], device: torch.device, amp: torch.dty
 
         def call(prompts=prompts):
             with autocast(device, amp):
-                model.generate(prompts, sampling=sampling, logits_processor=no_eos, return_pil=False)
+                generate(model, prompts, sampling=sampling, logits_processor=no_eos, return_pil=False)
 
         latency = median(timed(call, device, args["warmup"], args["repeats"]))
         row = {"batch": B, "latency_ms": latency * 1e3, "tokens_s": B * n / latency, "ms_step": latency / n * 1e3}
@@ -174,8 +169,6 @@ def bench_class_conditional(model, args: dict[str, Any], device: torch.device, w
     if spec == "model":
         var, vq, label, what = model.vargpt_gen, model.vae_local, model.gen_label, f"VAR of {args['model']}"
     else:
-        from vargpt.model import build_var, build_vqvae
-
         depth = int(spec.removeprefix("d"))
         torch.manual_seed(args["seed"])
         with torch.device(device):
@@ -185,13 +178,13 @@ def bench_class_conditional(model, args: dict[str, Any], device: torch.device, w
     rows = []
     for B in args["batch_sizes"]:
         labels = torch.full((B,), label, dtype=torch.long, device=device)
-        gen = torch.Generator(device=device).manual_seed(args["seed"])
+        seeds = [args["seed"] + i for i in range(B)]
         state: dict[str, Any] = {}
 
-        def sample(labels=labels, gen=gen, state=state):
+        def sample(labels=labels, seeds=seeds, state=state):
             with torch.no_grad(), autocast(device, amp):
                 state["codes"] = var.sample(
-                    labels, cfg=args["cfg"], top_k=args["top_k"], top_p=args["top_p"], generator=gen, vqvae=vq
+                    labels, cfg=args["cfg"], top_k=args["top_k"], top_p=args["top_p"], seeds=seeds, vqvae=vq
                 )
 
         def decode(state=state):

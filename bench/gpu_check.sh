@@ -5,7 +5,7 @@
 #   BUDGET_S=300 bash bench/gpu_check.sh       # stop starting new steps after 300 s
 #
 # Needs only python3 with torch, transformers, PyYAML (and lightning for activation checkpointing): no network,
-# no install. It runs from the repository root with PYTHONPATH=src; the bench scripts read the model YAML with
+# no install. It runs from the repository root with PYTHONPATH=src (python -m bench.<name>); the bench scripts read the model YAML with
 # PyYAML when omegaconf is missing (the GPU image has no hydra-core/omegaconf/webdataset/mlflow/open_clip; to
 # use data=shapes there, carry those wheels, see /work/.library/device/README.md).
 #
@@ -62,30 +62,30 @@ step() {  # step NAME TIMEOUT_S CMD...
   $PY -c "import omegaconf" 2>/dev/null && echo "omegaconf: yes" || echo "omegaconf: no (PyYAML fallback)"
 } 2>&1 | tee -a "$LOG"
 
-step var_eager 120 $PY bench/var_step.py configs=d16:64,d30:16 precision=bf16-mixed steps=10 warmup=3 json="$R"
-step var_adamw 90 $PY bench/var_step.py configs=d16:64,d30:16 precision=bf16-mixed optimizer=true fused_adam=true \
+step var_eager 120 $PY -m bench.var_step configs=d16:64,d30:16 precision=bf16-mixed steps=10 warmup=3 json="$R"
+step var_adamw 90 $PY -m bench.var_step configs=d16:64,d30:16 precision=bf16-mixed optimizer=true fused_adam=true \
   steps=8 warmup=3 json="$R"
-step tiny 60 $PY bench/train_step.py model=tiny precision=bf16-mixed stage=pretrain,sft_mixed,sft_gen steps=10 warmup=3 \
+step tiny 60 $PY -m bench.train_step model=tiny precision=bf16-mixed stage=pretrain,sft_mixed,sft_gen steps=10 warmup=3 \
   sync_debug=true json="$R"
-step mid 120 $PY bench/train_step.py model=bench/configs/mid.yaml precision=bf16-mixed stage=sft_mixed,sft_gen \
+step mid 120 $PY -m bench.train_step model=bench/configs/mid.yaml precision=bf16-mixed stage=sft_mixed,sft_gen \
   micro_batch_size=8 steps=8 warmup=3 show_flops=true json="$R"
-step mid_codes 60 $PY bench/train_step.py model=bench/configs/mid.yaml precision=bf16-mixed stage=sft_gen \
+step mid_codes 60 $PY -m bench.train_step model=bench/configs/mid.yaml precision=bf16-mixed stage=sft_gen \
   micro_batch_size=8 codes=true fused_adam=true steps=8 warmup=3 sync_debug=true show_flops=false json="$R"
-step 7b_sft_gen 150 $PY bench/train_step.py model=vargpt_llava_7b model.llm.num_hidden_layers=16 precision=bf16-mixed \
+step 7b_sft_gen 150 $PY -m bench.train_step model=vargpt_llava_7b model.llm.num_hidden_layers=16 precision=bf16-mixed \
   stage=sft_gen micro_batch_size=4 activation_checkpointing=true,false steps=6 warmup=2 json="$R"
-step 7b_sft_mixed 90 $PY bench/train_step.py model=vargpt_llava_7b model.llm.num_hidden_layers=8 precision=bf16-mixed \
+step 7b_sft_mixed 90 $PY -m bench.train_step model=vargpt_llava_7b model.llm.num_hidden_layers=8 precision=bf16-mixed \
   stage=sft_mixed gen_frac=0 seq_len=2048 micro_batch_size=4 activation_checkpointing=true steps=6 warmup=2 \
   show_flops=false json="$R"
-step vqvae 60 $PY bench/vqvae.py config=tiny,ch160 batch_sizes=1,8,32 precision=bf16-mixed json="$R"
-step var_compile 180 $PY bench/var_step.py configs=d16:64,d30:16 precision=bf16-mixed compile=model steps=10 warmup=3 \
+step vqvae 60 $PY -m bench.vqvae config=tiny,ch160 batch_sizes=1,8,32 precision=bf16-mixed json="$R"
+step var_compile 180 $PY -m bench.var_step configs=d16:64,d30:16 precision=bf16-mixed compile=model steps=10 warmup=3 \
   json="$R"
 if [ -f bench/generate.py ]; then
-  step generate_var 90 $PY bench/generate.py parts=var var=d16 precision=bf16-mixed batch_sizes=1,16,64 json="$R"
-  step generate_tiny 60 $PY bench/generate.py parts=images,text precision=bf16-mixed batch_sizes=1,16 json="$R"
+  step generate_var 90 $PY -m bench.generate parts=var var=d16 precision=bf16-mixed batch_sizes=1,16,64 json="$R"
+  step generate_tiny 60 $PY -m bench.generate parts=images,text precision=bf16-mixed batch_sizes=1,16 json="$R"
 fi
-step mid_compile 120 $PY bench/train_step.py model=bench/configs/mid.yaml precision=bf16-mixed stage=sft_gen \
+step mid_compile 120 $PY -m bench.train_step model=bench/configs/mid.yaml precision=bf16-mixed stage=sft_gen \
   micro_batch_size=8 compile=true steps=8 warmup=3 show_flops=false json="$R"
 
 echo "=== summary" | tee -a "$LOG"
-$PY bench/summarize.py "$R" 2>&1 | tee -a "$LOG"
+$PY -m bench.summarize "$R" 2>&1 | tee -a "$LOG"
 echo "=== done in $(($(date +%s) - START)) s; results: $R, log: $LOG" | tee -a "$LOG"

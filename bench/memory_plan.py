@@ -1,8 +1,8 @@
 """Memory plan on paper: per-GPU bytes of the 9.3 B VARGPT under FSDP2 full sharding, per stage. Not a test.
 
-    python bench/memory_plan.py                                  # the default: 8 GPUs x 80 GB, micro batch 8
-    python bench/memory_plan.py world_size=4 micro_batch_size=4 gpu_gib=80
-    python bench/memory_plan.py model=vargpt_llava_7b model.llm.num_hidden_layers=40
+    python -m bench.memory_plan                                  # the default: 8 GPUs x 80 GB, micro batch 8
+    python -m bench.memory_plan world_size=4 micro_batch_size=4 gpu_gib=80
+    python -m bench.memory_plan model=vargpt_llava_7b model.llm.num_hidden_layers=40
 
 Parameter counts are exact (the model is built on the meta device and each stage's trainable set applied with
 ``apply_stage``). The layout is the one ``vargpt.training.parallel.shard_fsdp2`` makes: every LLM decoder layer,
@@ -31,15 +31,15 @@ save q, k, v, o and the log-sum-exp (flash / memory-efficient SDPA, no L^2 term)
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
-import torch  # noqa: E402
-from common import load_model_cfg, load_stage, parse_args, print_table  # noqa: E402
+from bench.common import load_model_cfg, load_stage, parse_args, print_table
+from vargpt.model import SpecialTokenIds, build_vargpt
+from vargpt.model.var_blocks import AdaLNSelfAttn
+from vargpt.training.stage import apply_stage
 
 DEFAULTS: dict[str, Any] = {
     "model": "vargpt_llava_7b",
@@ -69,10 +69,6 @@ def _saved_bytes(fn: Any) -> int:
 
 def measure_coefficients() -> dict[str, float]:
     """Bytes per token per layer saved for backward, in units of the layer width, bf16 compute."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from vargpt.model.var_blocks import AdaLNSelfAttn
-
     torch.manual_seed(0)
     h, i, B = 256, 688, 2
     cfg = AutoConfig.for_model(
@@ -117,9 +113,6 @@ def unit_sizes(model: torch.nn.Module) -> tuple[int, int, list[tuple[torch.nn.Mo
 
 
 def plan(args: dict[str, Any], overrides: list[str]) -> None:
-    from vargpt.model import SpecialTokenIds, build_vargpt
-    from vargpt.training.stage import apply_stage
-
     cfg = load_model_cfg(args["model"], overrides)
     V = cfg.llm.vocab_size
     ids = SpecialTokenIds(image=V - 6, pad=V - 5, gen_start=V - 4, gen_end=V - 3, gen_pad=V - 2, eos=2, bos=1)

@@ -1,6 +1,6 @@
 """The issue's targets against a results file of the bench scripts (``json=`` lines). Not a test.
 
-    python bench/summarize.py bench_results/results.jsonl
+    python -m bench.summarize bench_results/results.jsonl
 
 Targets (issue 9, on the card the reference was measured on, an H200): the VAR decoder training step at
 >= 1.3x the official code's tokens/s (d16 x 64: 145.6 k, d30 x 16: 31.9 k; bf16 autocast, forward + backward,

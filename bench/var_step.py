@@ -1,9 +1,9 @@
 """Training step of the class-conditional VAR decoder (``build_var``): tokens/s and MFU. Not a test.
 
-    python bench/var_step.py                                        # GPU: d16 x 64 and d30 x 16; CPU: tiny x 8, d4 x 2
-    python bench/var_step.py configs=d16:64,d30:16 precision=bf16-mixed compile=model
-    python bench/var_step.py configs=d16:64 optimizer=true          # with AdamW, as a real step
-    python bench/var_step.py --help
+    python -m bench.var_step                                        # GPU: d16 x 64 and d30 x 16; CPU: tiny x 8, d4 x 2
+    python -m bench.var_step configs=d16:64,d30:16 precision=bf16-mixed compile=model
+    python -m bench.var_step configs=d16:64 optimizer=true          # with AdamW, as a real step
+    python -m bench.var_step --help
 
 ``configs``: comma list of ``<var>:<batch>`` with ``<var>`` = ``dN`` (VAR-dN at 256 px: width 64N, N heads,
 the released 10 scales, L = 680 tokens, vocabulary 4096, 1000 classes, drop-path 0.1 N / 24) or ``tiny``
@@ -29,17 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from common import (  # noqa: E402
+from bench.common import (
     PhaseTimer,
     device_name,
     environment,
@@ -54,9 +50,9 @@ from common import (  # noqa: E402
     sync,
     write_json,
 )
-
-from vargpt.model.vqvae import vqvae_from_config  # noqa: E402
-from vargpt.training.flops import VARFlops  # noqa: E402
+from vargpt.model import build_var, build_vqvae
+from vargpt.model.vqvae import vqvae_from_config
+from vargpt.training.flops import VARFlops
 
 DEFAULTS: dict[str, Any] = {
     "configs": [],  # empty: d16:64,d30:16 on a GPU, tiny:8,d4:2 on a CPU
@@ -79,8 +75,6 @@ TARGET_FACTOR = 1.3
 
 def build(spec: str, device: torch.device, with_vqvae: bool = False) -> tuple[Any, Any, int]:
     """(VAR, VQ-VAE or None, depth) for ``dN`` or ``tiny``; the VQ-VAE only ``with_vqvae`` (``encode=true``)."""
-    from vargpt.model import build_var, build_vqvae
-
     torch.manual_seed(0)
     with torch.device(device):
         if spec == "tiny":

@@ -1,8 +1,8 @@
 """VQ-VAE encode / decode throughput (images/s) per batch size, for the tiny config and the released size. Not a test.
 
-    python bench/vqvae.py                                  # tiny (64 px) and ch160 (256 px), CPU or GPU
-    python bench/vqvae.py config=ch160 batch_sizes=1,8,32,64 precision=bf16-mixed channels_last=true
-    python bench/vqvae.py --help
+    python -m bench.vqvae                                  # tiny (64 px) and ch160 (256 px), CPU or GPU
+    python -m bench.vqvae config=ch160 batch_sizes=1,8,32,64 precision=bf16-mixed channels_last=true
+    python -m bench.vqvae --help
 
 ``config=``: ``tiny`` (conf/model/tiny.yaml's vqvae: ch 32, 64 px, 130 tokens), ``ch160`` (the released
 ``vae_ch160v4096z32``: 108.9 M parameters, 256 px, 680 tokens), any ``conf/model`` name or yaml path (its
@@ -20,15 +20,11 @@ matmuls) of one image, TFLOP/s = GFLOP/img x img/s. ``json=PATH`` appends one JS
 from __future__ import annotations
 
 import contextlib
-import sys
-from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-from common import (  # noqa: E402
+from bench.common import (
     device_name,
     environment,
     load_model_cfg,
@@ -41,9 +37,9 @@ from common import (  # noqa: E402
     timed,
     write_json,
 )
-
-from vargpt.model.vqvae import vqvae_from_config  # noqa: E402
-from vargpt.training.flops import measure_flops  # noqa: E402
+from vargpt.model import build_vqvae
+from vargpt.model.vqvae import vqvae_from_config
+from vargpt.training.flops import measure_flops
 
 DEFAULTS: dict[str, Any] = {
     "config": ["tiny", "ch160"],
@@ -59,8 +55,6 @@ DEFAULTS: dict[str, Any] = {
 
 def build(name: str, device: torch.device) -> tuple[Any, str]:
     """A random VQ-VAE of the named size, eval mode, on ``device``."""
-    from vargpt.model import build_vqvae
-
     if name == "ch160":
         torch.manual_seed(0)
         with torch.device(device):

@@ -19,10 +19,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from vargpt.data.convert import add_output_args, options_from_args, run_cli
-from vargpt.data.gen_codes import GenCodesConverter
+from vargpt.data.datasets_to_shards import add_output_args, options_from_args, run_cli
 from vargpt.data.shards import MANIFEST_NAME
 from vargpt.data.transforms import VAR_RESIZE_RATIO
+from vargpt.inference.gen_codes import GenCodesConverter
 
 
 def main(argv: list[str] | None = None) -> int:

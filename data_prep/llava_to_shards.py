@@ -11,7 +11,7 @@ samples have no ``image``. Image paths are relative to --image-root (e.g. ``coco
 
 import sys
 
-from vargpt.data.convert import annotation_cli
+from vargpt.data.dataset_formats import annotation_cli
 
 if __name__ == "__main__":
     sys.exit(annotation_cli(sys.argv[1:], __doc__))

@@ -13,7 +13,8 @@ import glob
 import sys
 from pathlib import Path
 
-from vargpt.data.convert import ParquetConverter, add_output_args, options_from_args, run_cli
+from vargpt.data.dataset_formats import ParquetConverter
+from vargpt.data.datasets_to_shards import add_output_args, options_from_args, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:

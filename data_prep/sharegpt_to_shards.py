@@ -14,7 +14,7 @@ files, first extract the ImageNet parquet images under the names they use (data_
 
 import sys
 
-from vargpt.data.convert import annotation_cli
+from vargpt.data.dataset_formats import annotation_cli
 
 if __name__ == "__main__":
     sys.exit(annotation_cli(sys.argv[1:], __doc__))

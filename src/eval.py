@@ -13,25 +13,29 @@ lmms-eval's VARGPT wrapper does: docs/evaluation.md. The logic lives in vargpt.e
 conf/eval.yaml.
 """
 
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from vargpt.config import register_configs
+from vargpt.cli_config import NON_SCHEMA_GROUPS, EvalConfig
+from vargpt.config import refuse_extra_keys, register_configs, unknown_override_key
+from vargpt.eval.runner import run
 
-register_configs()  # the vargpt_hash resolver used by run_name
+register_configs()  # eval_schema, and the vargpt_hash resolver used by run_name
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from vargpt.eval.runner import run
-
+    refuse_extra_keys(cfg, EvalConfig)
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     run(cfg, overrides)
 
 
 if __name__ == "__main__":
+    if problem := unknown_override_key(sys.argv[1:], EvalConfig, NON_SCHEMA_GROUPS):
+        sys.exit(problem)
     main()

@@ -22,8 +22,13 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from vargpt.backbones.app import APP as RECIPE_APP
 from vargpt.config import register_configs, unknown_override_key
 from vargpt.training.task import run
+from vargpt.training.vargpt_app import APP as VARGPT_APP
+
+# The apps this entry point trains: each registers the stages it trains on import (vargpt.training.app).
+APPS = (VARGPT_APP, RECIPE_APP)
 
 register_configs()
 

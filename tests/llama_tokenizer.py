@@ -22,7 +22,7 @@ from tokenizers.trainers import BpeTrainer
 from transformers import PreTrainedTokenizerFast
 
 from vargpt.data.chat import SYSTEM_PROMPT
-from vargpt.model.tokens import GEN_END_TOKEN, GEN_PAD_TOKEN, GEN_START_TOKEN, IMAGE_TOKEN, PAD_TOKEN
+from vargpt.tokens import GEN_END_TOKEN, GEN_PAD_TOKEN, GEN_START_TOKEN, IMAGE_TOKEN, PAD_TOKEN
 
 BASE_SPECIALS = ("<unk>", "<s>", "</s>")
 # Appended after the trained vocabulary in the release's order (VARGPT-REFERENCE.md 1.3).

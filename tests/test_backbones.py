@@ -10,13 +10,15 @@ from safetensors.torch import load_file
 from test_train_run import base_overrides, compose_train, csv_losses, data_dir  # noqa: F401 (fixture)
 from test_vqvae import tiny_images, tiny_vqvae
 
+from vargpt.backbones.app import APP as RECIPE_APP  # noqa: F401  (registers the stage-0 recipes' app)
 from vargpt.backbones.assemble import assemble_parts, verify_backbones, write_final
 from vargpt.backbones.build import PRODUCT_FILE
-from vargpt.backbones.config import RecipeKind
 from vargpt.backbones.recipes import VQVAERecipe, foreground_weights, weighted_mse
 from vargpt.checkpoint import build_from_folder
+from vargpt.recipe_config import RecipeKind
 from vargpt.training.checkpointing import read_stage_record
 from vargpt.training.task import train
+from vargpt.training.vargpt_app import APP as VARGPT_APP  # noqa: F401  (registers the VARGPT stages' app)
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONES = REPO / "backbones" / "shapes"

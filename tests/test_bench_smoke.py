@@ -1,27 +1,26 @@
 """The bench scripts run end to end on the tiny config (2 CPU steps) and print their tables; the PyYAML config
-fallback (the GPU image has no omegaconf) reads the same config as OmegaConf. (The FLOP count they print is
-vargpt.training.flops, tested in test_training_flops.py.)"""
+fallback (the GPU image has no omegaconf) reads the same config as OmegaConf; ``python -m bench.<name>`` runs from
+the repository root with nothing added to ``sys.path``. (The FLOP count they print is vargpt.training.flops,
+tested in test_training_flops.py.)"""
 
 from __future__ import annotations
 
 import importlib
+import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    """Import a bench script by name (the scripts import their helpers as top-level modules)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module
-    finally:
-        sys.path.remove(str(BENCH))
+    """Import a bench script by name, as the module ``python -m bench.<name>`` runs."""
+    return lambda name: importlib.import_module(f"bench.{name}")
 
 
 def parse_table(out: str, first_header: str) -> tuple[list[str], list[list[str]]]:
@@ -94,3 +93,15 @@ def test_arguments_are_checked(bench):
     assert extra == {"model.": ["llm.num_hidden_layers=4"]}
     with pytest.raises(SystemExit, match="unknown argument"):
         common.parse_args(["micro_batchsize=2"], {"micro_batch_size": 8}, "doc")
+
+
+def test_a_bench_script_runs_as_a_module_of_the_bench_package(tmp_path):
+    """``python -m bench.summarize`` from the repository root: the package resolves its own imports."""
+    results = tmp_path / "results.jsonl"
+    row = {"bench": "vqvae", "config": "tiny", "batch": 2, "device": "cpu", "precision": "32",
+           "encode_img_s": 10.0, "decode_img_s": 20.0}  # fmt: skip
+    results.write_text(json.dumps(row) + "\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.summarize", str(results)], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert "  tiny batch 2 (cpu, decode 32): encode 10.0 img/s, decode 20.0 img/s" in done.stdout.splitlines()

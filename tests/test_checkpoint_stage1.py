@@ -16,8 +16,8 @@ from test_checkpoint_released import RELEASED_IDS, ReferenceSource
 
 from vargpt.checkpoint import CheckpointMismatchError, init_stage1, load_stage1, load_weights
 from vargpt.model import SpecialTokenIds, build_var, build_vargpt, load_model_config
-from vargpt.model.tokens import GEN_TOKENS
 from vargpt.model.vqvae import vqvae_from_config
+from vargpt.tokens import GEN_TOKENS
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 LLAVA_PREFIXES = ("vision_tower.", "multi_modal_projector.", "language_model.")

@@ -17,7 +17,7 @@ from llama_tokenizer import llama_style_tokenizer
 from vargpt.data.chat import IGNORE_INDEX, SYSTEM_PROMPT, tokenize_conversation
 from vargpt.data.records import InvalidSampleError
 from vargpt.data.shapes import make_sample_spec
-from vargpt.model.tokens import SpecialTokenIds
+from vargpt.tokens import SpecialTokenIds
 
 # Small block sizes keep the exact id lists readable.
 LLAMA_IMAGE_TOKENS, LLAMA_GEN_TOKENS = 4, 5
@@ -360,8 +360,8 @@ def test_shapes_samples_tokenize_within_the_tiny_context():
 
 
 def test_record_placeholders_are_the_model_package_placeholders():
+    from vargpt import tokens
     from vargpt.data import records
-    from vargpt.model import tokens
 
     assert (records.IMAGE_PLACEHOLDER, records.IMAGE_GEN_PLACEHOLDER) == (
         tokens.IMAGE_PLACEHOLDER,

@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from fixtures.data import image_bytes
 
-import vargpt.data.convert as convert
-from vargpt.data.convert import AnnotationConverter, ConvertOptions, ParquetConverter, iter_json_entries, run_conversion
+import vargpt.data.datasets_to_shards as driver
+from vargpt.data.dataset_formats import AnnotationConverter, ParquetConverter, annotation_cli, iter_json_entries
+from vargpt.data.datasets_to_shards import ConvertOptions, run_conversion
 from vargpt.data.imagenet import extract_images, imagenet_files, index_rows, write_index
 from vargpt.data.shards import iter_raw_samples, parse_record, read_manifest, shard_list, verify_source
 
@@ -215,7 +216,7 @@ def test_interrupted_conversion_resumes_without_redoing_parts(llava, tmp_path, m
     annotations, root = llava
     converter = AnnotationConverter(annotations, root, "llava")
     reference = run_conversion(converter, ConvertOptions(tmp_path / "ref", part_size=2))
-    original = convert.convert_part
+    original = driver.convert_part
     calls: list[int] = []
 
     def crash_on_part_3(conv, part, options):
@@ -224,7 +225,7 @@ def test_interrupted_conversion_resumes_without_redoing_parts(llava, tmp_path, m
         calls.append(part.index)
         return original(conv, part, options)
 
-    monkeypatch.setattr(convert, "convert_part", crash_on_part_3)
+    monkeypatch.setattr(driver, "convert_part", crash_on_part_3)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         run_conversion(converter, ConvertOptions(out, part_size=2))
@@ -235,7 +236,7 @@ def test_interrupted_conversion_resumes_without_redoing_parts(llava, tmp_path, m
         return original(conv, part, options)
 
     calls.clear()
-    monkeypatch.setattr(convert, "convert_part", counting)
+    monkeypatch.setattr(driver, "convert_part", counting)
     resumed = run_conversion(converter, ConvertOptions(out, part_size=2))
     assert calls == [3, 4, 5]
     assert resumed["shards"] == reference["shards"] and resumed["skipped_by_reason"] == reference["skipped_by_reason"]
@@ -363,7 +364,7 @@ def test_annotation_converter_refuses_input_that_gives_no_source(tmp_path, capsy
         path.write_bytes(content)
     out = tmp_path / "out"
     argv = ["--annotations", str(path), "--image-root", str(tmp_path), "--out", str(out)]
-    assert convert.annotation_cli(argv, "test") == 1
+    assert annotation_cli(argv, "test") == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: annotations {path}: ") and expected in err and err.count("\n") == 1
     assert not (out / "manifest.json").exists() and not list(out.glob("*.tar"))
@@ -375,7 +376,7 @@ def test_a_conversion_with_no_sample_leaves_nothing_and_a_corrected_rerun_conver
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "a.jpg").write_bytes(image_bytes())
     out = tmp_path / "out"
-    with pytest.raises(convert.BadInputError, match=r"no sample converted .*image_missing.*--image-root"):
+    with pytest.raises(driver.BadInputError, match=r"no sample converted .*image_missing.*--image-root"):
         run_conversion(AnnotationConverter(ann, tmp_path / "wrong", "a"), ConvertOptions(out))
     assert sorted(p.name for p in out.rglob("*") if p.is_file()) == []
     assert run_conversion(AnnotationConverter(ann, tmp_path / "images", "a"), ConvertOptions(out))["num_samples"] == 1

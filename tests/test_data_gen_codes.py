@@ -1,4 +1,4 @@
-"""Precomputed VQ codes: data_prep's encoder (vargpt.data.gen_codes), the loader serving them, the same loss."""
+"""Precomputed VQ codes: data_prep's encoder (vargpt.inference.gen_codes), the loader serving them, the same loss."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from safetensors.torch import load_file
 
 from vargpt.checkpoint.io import MemorySource, write_safetensors
 from vargpt.data.config import DataConfig, SourceConfig
-from vargpt.data.convert import ConvertOptions, run_conversion
 from vargpt.data.datamodule import VARGPTDataModule
-from vargpt.data.gen_codes import GenCodesConverter
+from vargpt.data.datasets_to_shards import ConvertOptions, run_conversion
 from vargpt.data.shards import GEN_CODES, read_manifest, verify_source
+from vargpt.inference.gen_codes import GenCodesConverter
 from vargpt.model import build_vargpt, load_model_config
-from vargpt.model.tokens import SpecialTokenIds
 from vargpt.model.vqvae import vqvae_from_config
+from vargpt.tokens import SpecialTokenIds
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_YAML = REPO / "conf" / "model" / "tiny.yaml"

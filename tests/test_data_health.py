@@ -13,7 +13,7 @@ from fixtures.data import tiny_world
 from lightning.pytorch.loggers import Logger
 
 from vargpt.data.config import SourceConfig
-from vargpt.data.pipeline import StreamCounts
+from vargpt.data.stream_sources import StreamCounts
 from vargpt.training.callbacks import RunStats, RunSummary
 from vargpt.training.data_health import DataHealth, summary_section
 

@@ -25,15 +25,7 @@ from torch.utils.data import DataLoader
 from vargpt.data.collate import Collator, Example
 from vargpt.data.config import DataConfig, SourceConfig, check_data_config
 from vargpt.data.datamodule import VARGPTDataModule
-from vargpt.data.pipeline import (
-    BadSourceError,
-    EvalStream,
-    SkipCounter,
-    StreamCounts,
-    check_bad_rate,
-    group_by_length,
-    load_sources,
-)
+from vargpt.data.pipeline import EvalStream, group_by_length
 from vargpt.data.records import NON_UTF8, InvalidSampleError
 from vargpt.data.shapes import render_scene
 from vargpt.data.shards import (
@@ -45,9 +37,10 @@ from vargpt.data.shards import (
     shard_list,
     write_json_atomic,
 )
+from vargpt.data.stream_sources import BadSourceError, SkipCounter, StreamCounts, check_bad_rate, load_sources
 from vargpt.data.transforms import var_transform
 from vargpt.model.config import register_resolvers
-from vargpt.model.tokens import SpecialTokenIds
+from vargpt.tokens import SpecialTokenIds
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ from fixtures.data import tiny_world, world_tokenizer
 
 from vargpt.data.shapes import T2I_PROMPTS, VQA_PROMPTS
 from vargpt.data.tokenizer import load_tokenizer, train_world_tokenizer
-from vargpt.model.tokens import GEN_TOKENS, SpecialTokenIds
+from vargpt.tokens import GEN_TOKENS, SpecialTokenIds
 
 
 def test_special_tokens_in_the_release_order():

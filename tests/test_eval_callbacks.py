@@ -21,11 +21,13 @@ from PIL import Image
 
 from vargpt.config import register_configs
 from vargpt.data.shapes import ensure_shapes_world
-from vargpt.eval import runner
-from vargpt.eval.callbacks import EvalCallback, _EOSRecorder, image_grid
+from vargpt.eval import core
+from vargpt.eval.benchmarks import get_benchmark
+from vargpt.eval.callbacks import EvalCallback, image_grid
+from vargpt.eval.core import BENCHMARK_QUESTIONS, EOSRecorder, answer, rank_share
 from vargpt.model import build_vargpt, load_model_config
-from vargpt.model.vargpt import VARGPT
 from vargpt.training.task import train
+from vargpt.training.vargpt_app import APP as VARGPT_APP  # noqa: F401  (registers the VARGPT stages' app)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 WORLD = {"train": 200, "val": 20}
@@ -116,7 +118,7 @@ def test_image_grid_and_eos_recorder():
     assert grid.size == (128, 2 * (64 + 14))
     assert grid.getpixel((10, 10)) == (255, 0, 0) and grid.getpixel((70, 10)) == (200, 200, 200)
 
-    recorder = _EOSRecorder(eos=2, n=3)
+    recorder = EOSRecorder(eos=2, n=3)
     logits = torch.tensor([[0.0, 1.0, 5.0], [9.0, 1.0, 0.0]])
     out = recorder([0, 2], [[7, 7], [7]], logits)
     assert recorder.ends == [2, None, None]
@@ -130,23 +132,23 @@ def test_benchmark_questions_are_asked_as_src_eval_asks_them(tmp_path, monkeypat
     torch.manual_seed(0)
     model = build_vargpt(load_model_config(CONF / "model" / "tiny.yaml"), llama_style_tokenizer()).eval()
     fed: list[list[int]] = []
-    original = VARGPT.generate
+    original = core.generate
 
     def spy(self, *args, **kwargs):
         outputs = original(self, *args, **kwargs)
         fed.extend(out.prompt_ids for out in outputs)
         return outputs
 
-    monkeypatch.setattr(VARGPT, "generate", spy)
+    monkeypatch.setattr(core, "generate", spy)
     callback = EvalCallback(num_images=0, vqa=2, vqa_source="pope", data_root=str(tmp_path), vqa_max_new_tokens=3)
     items = callback._vqa_items()
     answers = {
-        lockstep: [r["prediction"] for _, r in callback._answer(model, callback._shares(items, 0, 1), lockstep)]
+        lockstep: [r["prediction"] for _, r in callback._answer(model, rank_share(items, 0, 1), lockstep)]
         for lockstep in (False, True)
     }
     callback_fed, fed[:] = list(fed), []
-    sampling = runner.benchmark_sampling("pope", max_new_tokens=3)
-    records = [r for batch in runner.predict(model, items, sampling, batch_size=8, skip=set()) for r in batch]
+    sampling = get_benchmark("pope").sampling(max_new_tokens=3)
+    records = [r for batch in answer(model, items, BENCHMARK_QUESTIONS, sampling, batch_size=8) for r in batch]
     assert callback_fed == fed * 2
     assert answers[False] == answers[True] == [r["prediction"] for r in records]
     system = (
@@ -158,9 +160,8 @@ def test_benchmark_questions_are_asked_as_src_eval_asks_them(tmp_path, monkeypat
 
 
 def test_shares_pad_every_rank_equally():
-    callback = EvalCallback(every_n_steps=0)
     items = list("abcde")
-    shares = [callback._shares(items, rank, 2) for rank in range(2)]
+    shares = [rank_share(items, rank, 2) for rank in range(2)]
     assert [len(s) for s in shares] == [3, 3]
     assert sorted(i for s in shares for i, _ in s if i >= 0) == [0, 1, 2, 3, 4]
     assert shares[1][-1][0] == -1  # the padding repeat is marked

@@ -10,12 +10,11 @@ import torch
 from PIL import Image
 
 from vargpt.data.shapes import COLOURS, SHAPES, Scene, ShapeObject, render_scene, sample_scene
+from vargpt.eval.image_analysis import analyse_image, connected_components
 from vargpt.eval.judge import (
     DEGRADATIONS,
     JudgeValidationError,
     ShapesJudge,
-    analyse_image,
-    connected_components,
     degrade,
     validate_judge,
     validation_report,
@@ -135,7 +134,8 @@ def test_backbone_helpers_on_random_models():
 
 def test_t2i_scores_separate_the_reply_from_the_image():
     """reply_objects: replies naming every asked object; both_when_reply_right: the judge over those only."""
-    from vargpt.eval.shapes_eval import reply_names_objects, score_t2i
+    from vargpt.eval.core import reply_names_objects
+    from vargpt.eval.shapes_eval import score_t2i
 
     scene = {
         "background": "white",

@@ -25,10 +25,15 @@ from llama_tokenizer import llama_style_tokenizer
 from test_eval_benchmarks import IMAGE, STRING, png, write
 
 from vargpt.config import register_configs
-from vargpt.eval import runner
-from vargpt.eval.benchmarks import BENCHMARKS, BenchmarkFileNotFoundError, benchmark_fingerprint, read_benchmark
+from vargpt.eval import core, runner
+from vargpt.eval.benchmarks import (
+    BENCHMARKS,
+    BenchmarkFileNotFoundError,
+    benchmark_fingerprint,
+    get_benchmark,
+    read_benchmark,
+)
 from vargpt.model import build_vargpt, load_model_config
-from vargpt.model.vargpt import VARGPT
 
 REPO = Path(__file__).resolve().parents[1]
 CLIP_ARCH = "ViT-B-32"
@@ -54,17 +59,17 @@ def compose_eval(tmp_path: Path, overrides: list[str]):
 
 
 class CountPrompts:
-    """Counts the prompts VARGPT.generate is asked to answer (monkeypatched in)."""
+    """Counts the prompts the evaluation core asks ``vargpt.inference.generate`` to answer (monkeypatched in)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.n = 0
-        original = VARGPT.generate
+        original = core.generate
 
         def counting(model, conversations, *args, **kwargs):
             self.n += len(conversations)
             return original(model, conversations, *args, **kwargs)
 
-        monkeypatch.setattr(VARGPT, "generate", counting)
+        monkeypatch.setattr(core, "generate", counting)
 
 
 @pytest.fixture
@@ -281,8 +286,8 @@ def test_runner_asks_lmms_eval_prompts_token_for_token(benchmark, data_root, lla
     """The ids fed to the model are the tokenizer's encoding, with BOS, of lmms-eval's whole prompt string."""
     index, expected = EXPECTED_PROMPTS[benchmark]
     item = list(read_benchmark(benchmark, data_root))[index]
-    sampling = runner.benchmark_sampling(benchmark, max_new_tokens=1)
-    (out,) = runner.answer_items(llama_model, [item], sampling)
+    sampling = get_benchmark(benchmark).sampling(max_new_tokens=1)
+    (out,) = core.answer_items(llama_model, [item], sampling)
     ids = llama_style_tokenizer()(expected)["input_ids"]
     assert ids[0] == llama_model.ids.bos
     assert out.prompt_ids == ids
@@ -292,19 +297,19 @@ def test_runner_asks_lmms_eval_prompts_token_for_token(benchmark, data_root, lla
 def test_benchmark_sampling_drops_the_tasks_until(benchmark):
     """The four tasks whose YAML stops at "ASSISTANT:": the wrapper drops `until`, and so do we (even over a base
     sampling that had stop strings); greedy, the task's length, no image."""
-    sampling = runner.benchmark_sampling(benchmark, base={"stop": ["ASSISTANT:"]})
+    sampling = get_benchmark(benchmark).sampling(base={"stop": ["ASSISTANT:"]})
     assert sampling.stop == [] and sampling.greedy and sampling.max_images == 0
     assert sampling.max_new_tokens == BENCHMARKS[benchmark].max_new_tokens == 1024
 
 
 def test_answer_is_the_text_after_the_last_marker(llama_model):
-    marker = runner.answer_marker(llama_model.tokenizer)  # no chat template: Vicuna's
+    marker = core.answer_marker(llama_model.tokenizer)  # no chat template: Vicuna's
     assert marker == "ASSISTANT:"
-    assert runner.extract_answer(" B\n", marker) == "B"
-    assert runner.extract_answer("A USER: why? ASSISTANT: C. sit ", marker) == "C. sit"
+    assert core.extract_answer(" B\n", marker) == "B"
+    assert core.extract_answer("A USER: why? ASSISTANT: C. sit ", marker) == "C. sit"
     llama_model.tokenizer.chat_template = "[INST] {{ messages[0]['content'] }} [/INST]"
     try:
-        assert runner.answer_marker(llama_model.tokenizer) == "[/INST]"
+        assert core.answer_marker(llama_model.tokenizer) == "[/INST]"
     finally:
         llama_model.tokenizer.chat_template = None
 

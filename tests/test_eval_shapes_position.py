@@ -20,7 +20,8 @@ from vargpt.data.shapes import (
     render_scene,
 )
 from vargpt.data.transforms import var_transform
-from vargpt.eval.judge import analyse_image, judge_analysis
+from vargpt.eval.image_analysis import analyse_image
+from vargpt.eval.judge import judge_analysis
 from vargpt.eval.shapes_eval import (
     NOT_DRAWN,
     format_position_confusion,

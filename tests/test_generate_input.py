@@ -11,6 +11,8 @@ import pytest
 from fixtures.data import image_bytes
 from hydra import compose, initialize_config_dir
 
+from vargpt.config import register_configs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -64,6 +66,7 @@ def test_the_cli_answers_about_a_good_input_image(tmp_path):
         "sampling.max_new_tokens=2",
         "force_image=false",
     ]
+    register_configs()  # generate_schema (the CLI module registers it too, but loads after composing here)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("generate", overrides=overrides)
     manifest = json.loads(generate_cli().run(cfg).read_text())

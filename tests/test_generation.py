@@ -15,10 +15,11 @@ import torch
 from llama_tokenizer import llama_style_tokenizer
 from PIL import Image
 
+from vargpt.config import register_configs
 from vargpt.data.chat import tokenize_conversation
 from vargpt.data.tokenizer import train_world_tokenizer
+from vargpt.inference import GenerationStats, generate
 from vargpt.model import build_vargpt, load_model_config
-from vargpt.model.generation import GenerationStats, generate
 from vargpt.model.sampling import cfg_ratio
 from vargpt.model.sampling_config import SamplingConfig
 
@@ -496,6 +497,7 @@ def _cli():
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
+    register_configs()  # generate_schema
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("generate", overrides=overrides)
 
@@ -553,17 +555,11 @@ def test_cli_loads_checkpoints(model, tokenizer, tmp_path, layout):
     assert torch.equal(png, torch.tensor(list(ref.images[0].getdata())))
 
 
-def test_bench_runs_and_counts_k_calls_per_image(capsys, monkeypatch):
+def test_bench_runs_and_counts_k_calls_per_image(capsys):
     import importlib
-    import sys
 
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    sys.modules.pop("generate", None)
-    bench = importlib.import_module("generate")
-    try:
-        bench.main(["batch_sizes=1,2", "repeats=1", "warmup=0", "text_tokens=2", "threads=1"])
-    finally:
-        sys.modules.pop("generate", None)
+    bench = importlib.import_module("bench.generate")  # as ``python -m bench.generate`` runs it
+    bench.main(["batch_sizes=1,2", "repeats=1", "warmup=0", "text_tokens=2", "threads=1"])
     out = capsys.readouterr().out
     assert out.count("\n    1  ") == 3 and out.count("\n    2  ") == 3  # three tables, two batch sizes each
     assert out.count(" 6/6 ") == 2  # one LLM and one VAR forward per scale, whatever the batch
@@ -573,4 +569,4 @@ def test_an_input_path_that_is_not_an_image_is_named(model, tmp_path):
     path = tmp_path / "notes.png"
     path.write_bytes(b"plain text, not pixels")
     with pytest.raises(ValueError, match=f"{path}: not an image PIL can read"):
-        model.generate(["<image>\nWhat is it?"], images=[[str(path)]])
+        generate(model, ["<image>\nWhat is it?"], images=[[str(path)]])

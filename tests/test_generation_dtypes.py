@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from vargpt.data.tokenizer import train_world_tokenizer
+from vargpt.inference import generate
 from vargpt.model import build_vargpt, load_model_config
-from vargpt.model.generation import generate
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 TEXTS = ["Draw a red circle.", "Here it is.", "Now a blue square in the middle.", "What colour is it? Green."] * 20

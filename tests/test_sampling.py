@@ -1,4 +1,4 @@
-"""Tests of the top-k / top-p sampler and the CFG schedule (VARGPT-REFERENCE.md 12.7, 12.8)."""
+"""Tests of the top-k / top-p filter, the per-sample code picker and the CFG schedule (reference 12.7, 12.8)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vargpt.model.sampling import cfg_ratio, filter_top_k_top_p, sample_top_k_top_p
+from vargpt.model.sampling import cfg_ratio, filter_top_k_top_p, inverse_cdf, pick_codes
 
 
 def _kept(logits_BlV: torch.Tensor) -> torch.Tensor:
@@ -66,43 +66,51 @@ def test_top_k_after_top_p_combination() -> None:
     assert _kept(filter_top_k_top_p(logits, top_k=3, top_p=0.5)).flatten().tolist() == [True, True, False, False]
 
 
-def test_top_k_1_is_argmax_and_input_untouched() -> None:
+def _generators(*seeds: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+
+def test_top_k_1_is_argmax_draws_nothing_and_input_untouched() -> None:
     torch.manual_seed(2)
     logits = torch.randn(3, 7, 50)
     before = logits.clone()
+    generators = _generators(0, 1, 2)
+    states = [g.get_state() for g in generators]
     for _ in range(3):
-        assert torch.equal(sample_top_k_top_p(logits, top_k=1, top_p=0.96), logits.argmax(-1))
+        assert torch.equal(pick_codes(logits, 1, 0.96, generators), logits.argmax(-1))
     assert torch.equal(logits, before)
+    assert all(torch.equal(g.get_state(), s) for g, s in zip(generators, states, strict=True))
 
 
 def test_samples_stay_inside_the_kept_set() -> None:
     logits = torch.tensor([[[5.0, 4.9, 0.0, -1.0, -2.0]]]).expand(1, 2000, 5)
-    idx = sample_top_k_top_p(logits, top_k=2)
+    idx = pick_codes(logits, 2, 0.0, _generators(0))
     assert set(idx.unique().tolist()) == {0, 1}
 
 
-def test_seeded_generator_reproducible() -> None:
-    logits = torch.randn(2, 30, 100)
+def test_each_sample_draws_from_its_own_generator() -> None:
+    """Sample i's codes depend on its generator only: the same as drawn alone, whatever else is in the batch."""
+    torch.manual_seed(4)
+    logits = torch.randn(3, 30, 100)
+    batched = pick_codes(logits, 50, 0.9, _generators(7, 8, 9))
+    alone = [pick_codes(logits[i : i + 1], 50, 0.9, _generators(seed)) for i, seed in enumerate((7, 8, 9))]
+    assert torch.equal(batched, torch.cat(alone))
+    assert not torch.equal(batched, pick_codes(logits, 50, 0.9, _generators(7, 8, 10)))
+    assert batched.shape == (3, 30) and batched.dtype == torch.long
 
-    def draw(seed: int) -> torch.Tensor:
-        return sample_top_k_top_p(logits, top_k=50, top_p=0.9, generator=torch.Generator().manual_seed(seed))
 
-    assert torch.equal(draw(7), draw(7))
-    assert not torch.equal(draw(7), draw(8))
-    assert draw(7).shape == (2, 30) and draw(7).dtype == torch.long
-
-
-def test_num_samples_and_bf16_logits() -> None:
-    logits = torch.randn(2, 3, 10, dtype=torch.bfloat16)
-    assert sample_top_k_top_p(logits, top_k=5, num_samples=4).shape == (2, 3, 4)
-    with pytest.raises(ValueError):
-        sample_top_k_top_p(logits, num_samples=0)
+def test_inverse_cdf_takes_the_first_index_past_u() -> None:
+    """The first index whose cumulative mass exceeds u (a zero-mass index is never picked); u scales the total."""
+    probs_11V = torch.tensor([[[0.25, 0.0, 0.5, 0.25]]])
+    picks = [inverse_cdf(probs_11V, torch.tensor([[u]])).item() for u in (0.0, 0.25, 0.5, 0.75, 0.99)]
+    assert picks == [0, 2, 2, 3, 3]
+    assert inverse_cdf(2 * probs_11V, torch.tensor([[0.5]])).item() == 2
 
 
 def test_sampling_frequencies_follow_filtered_distribution() -> None:
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log().view(1, 1, 4).expand(1, 20000, 4)
-    idx = sample_top_k_top_p(logits, top_p=0.7, generator=torch.Generator().manual_seed(0))
+    idx = pick_codes(logits, 0, 0.7, _generators(0))
     freq = torch.bincount(idx.flatten(), minlength=4).double() / idx.numel()
     assert freq[2:].sum() == 0
     assert math.isclose(freq[0].item(), 0.5 / 0.8, abs_tol=0.02)

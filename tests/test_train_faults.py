@@ -24,9 +24,11 @@ from safetensors.torch import load_file
 from test_backbones import recipe_overrides
 from test_train_run import base_overrides, compose_train, data_dir  # noqa: F401 (fixture)
 
+from vargpt.backbones.app import APP as RECIPE_APP  # noqa: F401  (registers the stage-0 recipes' app)
 from vargpt.checkpoint.io import UnsafeCheckpointError
 from vargpt.training import checkpointing as ckpt
 from vargpt.training.task import train
+from vargpt.training.vargpt_app import APP as VARGPT_APP  # noqa: F401  (registers the VARGPT stages' app)
 
 REPO = Path(__file__).resolve().parents[1]
 

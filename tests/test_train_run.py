@@ -23,6 +23,7 @@ from vargpt.config import register_configs
 from vargpt.data.shapes import ensure_shapes_world
 from vargpt.training.checkpointing import PreemptedError, stage_record_path
 from vargpt.training.task import train
+from vargpt.training.vargpt_app import APP as VARGPT_APP  # noqa: F401  (registers the VARGPT stages' app)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 WORLD = {"train": 400, "val": 40}

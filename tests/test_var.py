@@ -284,11 +284,11 @@ def test_sample_greedy_deterministic_shapes_and_one_decode_per_scale(monkeypatch
         return decode(x_BlC, cond_BD, attn_bias=attn_bias, cache=cache)
 
     monkeypatch.setattr(var, "decode", counting_decode)
-    codes = var.sample([0, 3, 4], top_k=1, generator=torch.Generator().manual_seed(0))
+    codes = var.sample([0, 3, 4], top_k=1, seeds=[0, 1, 2])
     assert calls == [p * p for p in TINY_PATCH_NUMS]
     assert [tuple(c.shape) for c in codes] == [(3, p * p) for p in TINY_PATCH_NUMS]
     assert all(c.dtype == torch.long and ((c >= 0) & (c < var.V)).all() for c in codes)
-    again = var.sample(torch.tensor([0, 3, 4]), top_k=1, generator=torch.Generator().manual_seed(1))
+    again = var.sample(torch.tensor([0, 3, 4]), top_k=1, seeds=[5, 6, 7])
     assert all(torch.equal(a, b) for a, b in zip(codes, again, strict=True))
 
 
@@ -300,6 +300,33 @@ def test_sample_batched_equals_one_by_one() -> None:
     single = [var.sample([label], cfg=3.0, top_k=1, vqvae=vq) for label in labels]
     for k in range(len(TINY_PATCH_NUMS)):
         assert torch.equal(batched[k], torch.cat([s[k] for s in single]))
+
+
+def test_seeded_sampling_batched_equals_one_by_one() -> None:
+    """Sample i draws its codes from its own generator (seed ``seeds[i]``): the batch it is drawn in, and the
+    samples beside it, change nothing. VAR's one shared generator failed this (a sample's codes depended on the
+    draws of the samples before it)."""
+    var = tiny_var().eval()
+    vq = tiny_vqvae(var)
+    labels, seeds = [1, 0, 4, 2, 1], [11, 3, 7, 0, 12]
+    batched = var.sample(labels, cfg=1.5, top_k=50, top_p=0.9, seeds=seeds, vqvae=vq)
+    single = [
+        var.sample([label], cfg=1.5, top_k=50, top_p=0.9, seeds=[seed], vqvae=vq)
+        for label, seed in zip(labels, seeds, strict=True)
+    ]
+    for k in range(len(TINY_PATCH_NUMS)):
+        assert torch.equal(batched[k], torch.cat([s[k] for s in single]))
+    # The draw is random and seeded: same label, other seed, other codes; same seed, same codes.
+    assert not torch.equal(torch.cat(batched, 1)[0], torch.cat(batched, 1)[4])
+    assert torch.equal(
+        torch.cat(var.sample([1], cfg=1.5, top_k=50, top_p=0.9, seeds=[11], vqvae=vq), 1), torch.cat(single[0], 1)
+    )
+
+
+def test_sample_wants_one_seed_per_sample() -> None:
+    var = tiny_var()
+    with pytest.raises(ValueError, match="2 seeds for 3 class labels"):
+        var.sample([0, 1, 2], seeds=[0, 1], vqvae=tiny_vqvae(var))
 
 
 @torch.no_grad()

@@ -10,7 +10,8 @@ types cannot express (stage hand-over, budgets). The batch arithmetic is checked
 (``optim.accumulation_steps``).
 
 The model part is ``vargpt.model.config.ModelConfig`` and the data part ``vargpt.data.config.DataConfig``;
-this file only composes them.
+this file only composes them. ``paths`` and ``logger``, shared with eval and generate, are in ``vargpt.cli_config``,
+whose ``eval_schema`` and ``generate_schema`` ``register_configs`` stores too.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from vargpt.backbones.config import RecipeConfig
+from vargpt.cli_config import EvalConfig, GenerateConfig, LoggerConfig, PathsConfig
 from vargpt.data.config import DataConfig, check_data_config
 from vargpt.model.config import ModelConfig, register_resolvers
+from vargpt.recipe_config import RecipeConfig
 
 STAGE_NAMES = ("pretrain", "sft_mixed", "sft_gen")
 # The embedded default's stage-0 stages (conf/stage/world_*.yaml): backbones made by the project's recipes.
@@ -166,7 +168,7 @@ class CompileConfig:
 
 @dataclass
 class TrainerConfig:
-    """The Lightning Trainer, built by ``vargpt.training.lightning_module.build_trainer`` (not passed blindly)."""
+    """The Lightning Trainer, built by ``vargpt.training.trainer.build_trainer`` (not passed blindly)."""
 
     accelerator: str = "cpu"
     devices: Any = 1
@@ -192,22 +194,6 @@ class TrainerConfig:
 
 
 # --------------------------------------------------------------------------------------------- tracking, callbacks
-class LoggerBackend(Enum):
-    mlflow = "mlflow"
-    csv = "csv"
-    none = "none"
-
-
-@dataclass
-class LoggerConfig:
-    backend: LoggerBackend = LoggerBackend.mlflow
-    experiment_name: str = "vargpt"
-    # null = sqlite:///<paths.log_dir>/mlflow.db (artifacts in <paths.log_dir>/mlartifacts).
-    tracking_uri: str | None = None
-    # Extra MLflow tags for every run.
-    tags: dict[str, str] = field(default_factory=dict)
-
-
 @dataclass
 class CheckpointConfig:
     # A resumable checkpoint every N optimizer steps (plus last.ckpt at each save and at the end).
@@ -228,16 +214,6 @@ class CallbacksConfig:
     lr_monitor: bool = True
     # Further callbacks by name: {_target_: ..., kwargs...} (e.g. the evaluation callbacks).
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class PathsConfig:
-    # The run root: mlflow.db, mlartifacts/, runs/<run_name>/ (checkpoints, export, summary), stages/, multirun/.
-    log_dir: str = "logs"
-    # Where datasets and the generated shapes world live.
-    data_dir: str = "data"
-    # This run's folder; the same command maps to the same folder, which is what ``resume: auto`` relies on.
-    run_dir: str = "${paths.log_dir}/runs/${run_name}"
 
 
 # --------------------------------------------------------------------------------------------- root
@@ -268,14 +244,14 @@ def register_configs() -> None:
     register_resolvers()
     if not OmegaConf.has_resolver("vargpt_hash"):
         OmegaConf.register_new_resolver("vargpt_hash", lambda s: short_hash(str(s)))
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    schemas = {"train_schema": TrainConfig, "eval_schema": EvalConfig, "generate_schema": GenerateConfig}
+    for name, schema in schemas.items():
+        ConfigStore.instance().store(name=name, node=schema)
 
 
 def validate(cfg: DictConfig) -> None:
     """Checks the types cannot express; raises ValueError naming the keys and allowed values."""
-    extra = _extra_keys(cfg, TrainConfig, "")
-    if extra:
-        raise ValueError(f"keys the schema does not have (added with '+'?): {extra}")
+    refuse_extra_keys(cfg, TrainConfig)
     stage = cfg.stage
     known = [*STAGE_NAMES, *WORLD_STAGE_NAMES]
     if stage.previous_stage is not None and stage.previous_stage not in known:
@@ -299,6 +275,13 @@ def validate(cfg: DictConfig) -> None:
     check_data_config(cfg.data)
     if not str(cfg.resume).strip():
         raise ValueError("resume: expected auto | true | false | a checkpoint path")
+
+
+def refuse_extra_keys(cfg: DictConfig, schema: type) -> None:
+    """Refuse the keys of ``cfg`` that ``schema`` lacks (Hydra lets ``+key=value`` add them), naming them."""
+    extra = _extra_keys(cfg, schema, "")
+    if extra:
+        raise ValueError(f"keys the schema does not have (added with '+'?): {extra}")
 
 
 def _extra_keys(node: DictConfig, schema: type, path: str) -> list[str]:
@@ -328,9 +311,13 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
-def unknown_override_key(args: list[str]) -> str | None:
+def unknown_override_key(
+    args: list[str], schema: type = TrainConfig, root_groups: tuple[str, ...] | None = None
+) -> str | None:
     """A message for the first command-line override whose key the schema lacks, listing the keys that exist
-    at that level (Hydra's own error names the key and the schema class, not the alternatives)."""
+    at that level (Hydra's own error names the key and the schema class, not the alternatives). ``root_groups``:
+    the top-level names outside the schema that are config groups; None = take any unknown top-level name for one
+    (training's experiment, local...)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
@@ -342,16 +329,16 @@ def unknown_override_key(args: list[str]) -> str | None:
         key = override.key_or_group
         if override.is_add() or override.is_delete() or "@" in key or "/" in key:
             continue
-        tp: Any = TrainConfig
+        tp: Any = schema
         path: list[str] = []
         for part in key.split("."):
             if not dataclasses.is_dataclass(tp):
                 break  # a dict or a value: any key goes (or Hydra checks the value)
             fields = _field_types(tp)
             if part not in fields:
-                if not path:
+                if not path and (root_groups is None or part in root_groups):
                     break  # not a schema key: a config group (experiment, hydra, local) that Hydra checks
-                where = ".".join(path)
+                where = ".".join(path) or schema.__name__
                 return f"unknown key {key!r}: {where} has {sorted(fields)}"
             path.append(part)
             tp = _unwrap_optional(fields[part])

@@ -15,7 +15,8 @@
 
 Every command prints the load report (loaded / missing / unexpected / reshaped / initialised, with parameter
 counts) and fails, naming the keys, when the checkpoint does not fit (``--no-strict`` converts what fits).
-Checkpoints are read with safetensors or ``torch.load(weights_only=True)`` only.
+Checkpoints are read with safetensors or ``torch.load(weights_only=True)`` only. This module is the command
+line; the conversions are :mod:`vargpt.checkpoint.folder_conversion`.
 """
 
 from __future__ import annotations
@@ -25,8 +26,15 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
+from vargpt.checkpoint.folder_conversion import check_source, convert_to_part, convert_to_released, resolve_model
 from vargpt.checkpoint.io import DEFAULT_MAX_SHARD_BYTES, UnsafeCheckpointError
+from vargpt.checkpoint.llava_var_init import init_stage1
+from vargpt.checkpoint.released import export_released
+from vargpt.checkpoint.released_config import parse_dtype
 from vargpt.checkpoint.report import CheckpointMismatchError
+from vargpt.model.config import load_model_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,9 +74,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from vargpt.checkpoint.convert import check_source, convert_to_part, convert_to_released, resolve_model
-    from vargpt.checkpoint.released import parse_dtype
-
     def need(*names: str) -> None:
         missing = [f"--{n}" for n in names if getattr(args, n if n != "in" else "inp") is None]
         if missing:
@@ -107,12 +112,6 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _from_llava_var(args: argparse.Namespace) -> None:
-    import torch
-
-    from vargpt.checkpoint.llava_var_init import init_stage1
-    from vargpt.checkpoint.released import export_released
-    from vargpt.model.config import load_model_config
-
     cfg = load_model_config(args.config)
     torch.manual_seed(args.seed)
     model, tokenizer, report = init_stage1(cfg, args.llava, var=args.var, vqvae=args.vqvae, strict=args.strict)

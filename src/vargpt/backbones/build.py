@@ -16,7 +16,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
-from vargpt.backbones.config import RecipeConfig, RecipeKind
 from vargpt.backbones.recipes import (
     CausalLMRecipe,
     ClassVARRecipe,
@@ -40,6 +39,8 @@ from vargpt.model.config import ModelConfig
 from vargpt.model.var import var_from_config
 from vargpt.model.vargpt import VARGPT, clip_vision_config, llm_config
 from vargpt.model.vqvae import vqvae_from_config
+from vargpt.recipe_config import RecipeConfig, RecipeKind
+from vargpt.training.checkpointing import read_stage_record
 
 # The file each recipe leaves in its run's export/ folder.
 PRODUCT_FILE = {
@@ -51,14 +52,13 @@ PRODUCT_FILE = {
 }
 
 
-def recipe_config(cfg: DictConfig) -> RecipeConfig:
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RecipeConfig), cfg.stage.recipe))
+def recipe_config(recipe: DictConfig) -> RecipeConfig:
+    """The typed recipe of a stage's ``stage.recipe`` section."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RecipeConfig), recipe))
 
 
 def product_path(log_dir: str | Path, stage: str, kind: RecipeKind) -> Path:
     """The exported product of a finished recipe stage of this run root."""
-    from vargpt.training.checkpointing import read_stage_record
-
     record = read_stage_record(log_dir, stage)
     if record.export_dir is None:
         raise FileNotFoundError(f"stage {stage} finished without an export (callbacks.checkpoint.export=none?)")
@@ -66,6 +66,7 @@ def product_path(log_dir: str | Path, stage: str, kind: RecipeKind) -> Path:
 
 
 def _hf_clip(m: ModelConfig, r: RecipeConfig, tokenizer: Any) -> torch.nn.Module:
+    # transformers and open_clip here, not at the top: heavy imports only the recipes that train them need.
     from transformers import CLIPConfig, CLIPModel
 
     t = r.text_tower
@@ -85,7 +86,7 @@ def _hf_clip(m: ModelConfig, r: RecipeConfig, tokenizer: Any) -> torch.nn.Module
 
 
 def _judge(r: RecipeConfig) -> tuple[torch.nn.Module, Any, Any]:
-    import open_clip
+    import open_clip  # heavy, and only the judge recipe needs it
 
     model, _, preprocess = open_clip.create_model_and_transforms(
         r.judge_arch, pretrained=None, **OmegaConf.to_container(OmegaConf.create(r.judge_model_cfg))
@@ -94,21 +95,27 @@ def _judge(r: RecipeConfig) -> tuple[torch.nn.Module, Any, Any]:
 
 
 def build_recipe(
-    cfg: DictConfig, tokenizer: Any, total_steps: int, log_dir: str | Path
+    r: RecipeConfig,
+    m: ModelConfig,
+    stage: DictConfig,
+    data: DictConfig,
+    tokenizer: Any,
+    total_steps: int,
+    log_dir: str | Path,
 ) -> tuple[RecipeModule, StreamDataModule]:
-    """The LightningModule and data of ``cfg.stage.recipe`` (model sizes from ``cfg.model``)."""
-    r = recipe_config(cfg)
-    m: ModelConfig = OmegaConf.to_object(cfg.model)
+    """The LightningModule and data of the recipe ``r`` (``stage.recipe``), model sizes from ``m`` (``model``),
+    optimisation and budget from the ``stage`` section, image sources and transforms from the ``data`` section;
+    products of earlier recipes are looked up under the run root ``log_dir``."""
     opt = dict(
-        lr=cfg.stage.optimizer.lr,
-        weight_decay=cfg.stage.optimizer.weight_decay,
-        warmup_ratio=cfg.stage.scheduler.warmup_ratio,
+        lr=stage.optimizer.lr,
+        weight_decay=stage.optimizer.weight_decay,
+        warmup_ratio=stage.scheduler.warmup_ratio,
         total_steps=total_steps,
-        betas=tuple(cfg.stage.optimizer.betas),
+        betas=tuple(stage.optimizer.betas),
     )
     size = m.vqvae.image_size
     # Generation targets as the VARGPT stages see them (data.gen_random_crop, data.gen_resize_ratio).
-    crop, ratio = cfg.data.gen_random_crop, cfg.data.gen_resize_ratio
+    crop, ratio = data.gen_random_crop, data.gen_resize_ratio
     var_tf = {t: var_transform(size, train=t and crop, resize_ratio=ratio) for t in (True, False)}
     vis = m.vision
     clip_tf = clip_transform(vis.image_size, tuple(vis.image_mean), tuple(vis.image_std))
@@ -138,25 +145,25 @@ def build_recipe(
         module = ContrastiveRecipe(OpenCLIPTower(model, tok), **opt)
         items = ImageItems(preprocess), ImageItems(preprocess)
     else:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM  # heavy, and only the language-model recipe needs it
 
         module = CausalLMRecipe(AutoModelForCausalLM.from_config(llm_config(m)), **opt)
         items = TextItems(tokenizer, r.max_length), TextItems(tokenizer, r.max_length)
         collate = _TextCollate(tokenizer.pad_token_id)
-    data = StreamDataModule(
-        root=cfg.data.root,
+    datamodule = StreamDataModule(
+        root=data.root,
         train_sources=list(r.train_sources),
         val_sources=list(r.val_sources),
         train_items=items[0],
         val_items=items[1],
         collate=collate,
         micro_batch_size=r.micro_batch_size,
-        samples_per_epoch=cfg.stage.num_samples,
+        samples_per_epoch=stage.num_samples,
         val_samples=r.val_samples,
         num_workers=r.num_workers,
-        seed=cfg.data.seed,
+        seed=data.seed,
     )
-    return module, data
+    return module, datamodule
 
 
 class _TextCollate:
@@ -190,9 +197,8 @@ def recipe_product(module: RecipeModule, kind: RecipeKind) -> dict[str, torch.Te
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def export_recipe(module: RecipeModule, cfg: DictConfig, out_dir: Path) -> Path:
-    """Write the recipe's product (and, for the judge, how to rebuild it) to ``out_dir``."""
-    r = recipe_config(cfg)
+def export_recipe(module: RecipeModule, r: RecipeConfig, out_dir: Path) -> Path:
+    """Write the product of recipe ``r`` (and, for the judge, how to rebuild it) to ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(recipe_product(module, r.kind), str(out_dir / PRODUCT_FILE[r.kind]))
     if r.kind == RecipeKind.judge_clip:

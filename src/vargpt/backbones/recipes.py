@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import distributed as tdist
 from torch import nn
 
+from vargpt.eval.shapes_eval import var_judge_accuracy
 from vargpt.model.var import VAR
 from vargpt.model.vqvae import VQVAE
 from vargpt.training.optim import build_scheduler, param_groups
@@ -186,8 +187,6 @@ class ClassVARRecipe(RecipeModule):
     def on_validation_epoch_end(self) -> None:
         if self.judge_per_class <= 0 or self.trainer.sanity_checking:
             return
-        from vargpt.eval.shapes_eval import var_judge_accuracy
-
         figures = var_judge_accuracy(self.var, self.vqvae, per_class=self.judge_per_class)
         self.log_dict({f"val/judge_{k}": v for k, v in figures.items() if k != "n"}, sync_dist=True)
 

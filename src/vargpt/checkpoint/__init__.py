@@ -20,13 +20,8 @@ from vargpt.checkpoint.io import (
 )
 from vargpt.checkpoint.llava_var_init import init_stage1, load_stage1, prepare_stage1_tokenizer
 from vargpt.checkpoint.load import build_from_folder, detect_kind, load_weights
-from vargpt.checkpoint.released import (
-    export_released,
-    model_config_from_released,
-    released_config,
-    released_key_names,
-    special_ids_from_released,
-)
+from vargpt.checkpoint.released import export_released, released_key_names
+from vargpt.checkpoint.released_config import model_config_from_released, released_config, special_ids_from_released
 from vargpt.checkpoint.report import CheckpointMismatchError, LoadReport
 from vargpt.checkpoint.var_io import export_var, export_vqvae, load_var, load_vqvae, var_kwargs_from_checkpoint
 

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 log = logging.getLogger(__name__)
 
@@ -293,8 +295,6 @@ def _unwrap_state_dict(obj: Any, label: str) -> dict[str, torch.Tensor]:
 def _open_safetensors(path: Path) -> Any:
     """``safe_open`` of one file; a file cut short or damaged raises :class:`CorruptCheckpointError` naming it
     (safetensors' own error names no file)."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except SafetensorError as err:
@@ -362,8 +362,6 @@ def write_safetensors(
     """Write ``source`` as HF does: ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` shards plus
     ``model.safetensors.index.json`` when over ``max_shard_size``. Floating tensors are cast to ``dtype`` when
     given (integer buffers never are); one shard is held in memory at a time. Returns the files written."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     keys = list(source) if keys is None else list(keys)

@@ -34,7 +34,8 @@ from vargpt.checkpoint.match import DEFAULT_RULES, Rule, Rules, Target, apply_lo
 from vargpt.checkpoint.released import LLAVA_MODULES, as_released, folder_tokenizer
 from vargpt.checkpoint.report import LoadReport
 from vargpt.checkpoint.var_io import VAR_HEADS, VQVAE_HEADS, unwrapped
-from vargpt.model.tokens import GEN_TOKENS, SpecialTokenIds
+from vargpt.model.vargpt import build_vargpt
+from vargpt.tokens import GEN_TOKENS, SpecialTokenIds
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +135,6 @@ def init_stage1(
     """Build a VARGPT for ``cfg`` with LLaVA's tokenizer + the generation tokens, and initialise it as the
     release's prepare step does: ``(model, tokenizer, report)``. Export with ``export_released`` to get the
     folder the release calls ``VARGPT_LLaVA-7B``."""
-    from vargpt.model.vargpt import build_vargpt
-
     tokenizer = prepare_stage1_tokenizer(llava)
     model = build_vargpt(cfg, tokenizer)
     report = load_stage1(model, llava=llava, var=var, vqvae=vqvae, strict=strict)

@@ -33,10 +33,12 @@ from vargpt.checkpoint.llava_var_init import COMPONENTS, load_stage1
 from vargpt.checkpoint.match import DEFAULT_RULES, Target, apply_load, plan_load
 from vargpt.checkpoint.released import (
     as_released,
+    folder_model_config,
+    folder_special_ids,
+    folder_tokenizer_or_none,
     is_released_folder,
-    read_config_json,
-    special_ids_conflicts,
 )
+from vargpt.checkpoint.released_config import read_config_json, special_ids_conflicts
 from vargpt.checkpoint.report import CheckpointMismatchError, LoadReport
 from vargpt.checkpoint.var_io import (
     VAR_HEADS,
@@ -47,6 +49,9 @@ from vargpt.checkpoint.var_io import (
     load_vqvae,
     unwrapped,
 )
+from vargpt.model.var import VAR
+from vargpt.model.vargpt import VARGPT, build_vargpt
+from vargpt.model.vqvae import VQVAE
 
 log = logging.getLogger("vargpt.checkpoint")
 
@@ -97,10 +102,6 @@ def load_weights(
 
     Call before wrapping the model with FSDP/DDP. The model may be on the meta device (tensors are assigned).
     """
-    from vargpt.model.var import VAR
-    from vargpt.model.vargpt import VARGPT
-    from vargpt.model.vqvae import VQVAE
-
     if log_fn is None:
         # Printed even where logging is not configured (a notebook, a script): every load shows its report.
         log_fn = log.info if log.isEnabledFor(logging.INFO) else print
@@ -178,9 +179,6 @@ def build_from_folder(
     ``device="meta"`` builds without allocating and assigns the checkpoint's tensors (cast to fp32), which is the
     fast way to get a 9 B model into memory.
     """
-    from vargpt.checkpoint.released import folder_model_config, folder_special_ids, folder_tokenizer_or_none
-    from vargpt.model.vargpt import build_vargpt
-
     folder = Path(folder)
     cfg = folder_model_config(folder)
     tokenizer = folder_tokenizer_or_none(folder)

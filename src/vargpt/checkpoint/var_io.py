@@ -21,10 +21,15 @@ from vargpt.checkpoint.io import (
     TensorSource,
     open_checkpoint,
     save_torch_state_dict,
+    subset,
     write_safetensors,
 )
 from vargpt.checkpoint.match import DEFAULT_RULES, Rules, Target, apply_load, plan_load, strip_common_head
+from vargpt.checkpoint.released_config import parse_dtype
 from vargpt.checkpoint.report import LoadReport
+from vargpt.model.scales import VAR_PATCH_NUMS
+from vargpt.model.var import VAR
+from vargpt.model.vqvae import VQVAE
 
 # Top-level names of the two state dicts (the first name of every key).
 VAR_HEADS = frozenset(
@@ -56,8 +61,6 @@ def is_vqvae_state(keys) -> bool:
 
 def unwrapped(source: TensorSource, heads: frozenset[str]) -> TensorSource:
     """``source`` without a wrapper prefix shared by all keys (``module.``, a Lightning attribute ...)."""
-    from vargpt.checkpoint.io import subset
-
     prefix = strip_common_head(source, heads)
     return subset(source, prefix, label=source.label) if prefix else source
 
@@ -105,8 +108,6 @@ def var_kwargs_from_checkpoint(source: Any) -> dict[str, Any]:
         if any(p * p != n for p, n in zip(patch_nums, counts, strict=True)):
             raise ValueError(f"{src.label}: lvl_1L token counts {counts} are not squares")
     else:
-        from vargpt.model.scales import VAR_PATCH_NUMS
-
         L = src.shape("pos_1LC")[1]
         if sum(p * p for p in VAR_PATCH_NUMS) != L:
             raise ValueError(f"{src.label}: {L} tokens and no lvl_1L buffer: pass patch_nums yourself")
@@ -146,15 +147,9 @@ def export_var(model_or_var: nn.Module, path: str | Path, dtype: str | torch.dty
     """Write the VAR decoder (a VARGPT's ``vargpt_gen``, or a VAR) as a VAR state dict (``.pth`` as VAR's
     releases, or ``.safetensors``). A VARGPT's class embedding keeps its ``gen_start_id + 2`` rows: build the
     official VAR with ``num_classes = gen_start_id + 1`` to load it strictly."""
-    from vargpt.checkpoint.released import parse_dtype
-    from vargpt.model.var import VAR
-
     return _save(_state_of(model_or_var, "vargpt_gen", VAR), path, parse_dtype(dtype))
 
 
 def export_vqvae(model_or_vqvae: nn.Module, path: str | Path, dtype: str | torch.dtype | None = None) -> Path:
     """Write the VQ-VAE (a VARGPT's ``vae_local``, or a VQVAE) as a VAR-style VQ-VAE state dict."""
-    from vargpt.checkpoint.released import parse_dtype
-    from vargpt.model.vqvae import VQVAE
-
     return _save(_state_of(model_or_vqvae, "vae_local", VQVAE), path, parse_dtype(dtype))

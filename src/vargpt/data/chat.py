@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vargpt.data.records import (
     IMAGE,
@@ -38,9 +38,7 @@ from vargpt.data.records import (
     InvalidSampleError,
     placeholder_kinds,
 )
-
-if TYPE_CHECKING:  # the model package is heavy to import; the chat template only needs the ids
-    from vargpt.model.tokens import SpecialTokenIds
+from vargpt.tokens import SpecialTokenIds
 
 SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "

@@ -11,7 +11,7 @@ new draws).
 Positions are recorded in ``on_before_batch_transfer``, which Lightning calls when the training loop takes a
 batch (not when the loader prefetches it); a LightningModule should not override that hook as well.
 
-Skipped samples, by source and reason (``vargpt.data.pipeline.StreamCounts``), are counted where they are
+Skipped samples, by source and reason (``vargpt.data.stream_sources.StreamCounts``), are counted where they are
 processed, in each DataLoader worker; every batch carries its worker's counts of the epoch (training) or pass
 (evaluation) so far, and the same hook keeps the latest per worker. :meth:`local_counts` sums this rank's
 workers (training: over the epochs of this process), :meth:`run_counts` sums the ranks (training: plus the
@@ -35,22 +35,14 @@ from torch.utils.data import DataLoader
 
 from vargpt.data.collate import Collator
 from vargpt.data.config import DataConfig, SourceConfig, check_data_config, resolve_path
-from vargpt.data.pipeline import (
-    TRAIN,
-    VAL,
-    EvalStream,
-    SampleProcessor,
-    StreamCounts,
-    TrainStream,
-    check_bad_rate,
-    load_sources,
-)
+from vargpt.data.pipeline import EvalStream, SampleProcessor, TrainStream
 from vargpt.data.shapes import ensure_shapes_world
 from vargpt.data.shards import GEN_CODES, read_manifest
+from vargpt.data.stream_sources import TRAIN, VAL, StreamCounts, check_bad_rate, load_sources
 from vargpt.data.tokenizer import load_tokenizer
 from vargpt.data.transforms import VAR_RESIZE_RATIO, clip_transform, var_transform
 from vargpt.model.config import ModelConfig
-from vargpt.model.tokens import SpecialTokenIds
+from vargpt.tokens import SpecialTokenIds
 
 log = logging.getLogger(__name__)
 

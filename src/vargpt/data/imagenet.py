@@ -16,6 +16,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 ORDERS = ("sorted", "listing")
 
 
@@ -33,8 +36,6 @@ def imagenet_files(parquet_dir: str | Path, order: str = "sorted") -> list[Path]
 
 def index_rows(files: list[Path]) -> Iterator[dict[str, Any]]:
     """One row per image: the VARGPT name, where its bytes are, its original name, prefix and label."""
-    import pyarrow.parquet as pq
-
     for file_idx, path in enumerate(files):
         parquet = pq.ParquetFile(path)
         columns = ["image.path"] + (["label"] if "label" in parquet.schema_arrow.names else [])
@@ -52,9 +53,6 @@ def index_rows(files: list[Path]) -> Iterator[dict[str, Any]]:
 
 def write_index(files: list[Path], out: str | Path) -> int:
     """Write the index as a parquet file; returns the number of images."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     rows = list(index_rows(files))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), out)
@@ -64,8 +62,6 @@ def write_index(files: list[Path], out: str | Path) -> int:
 def extract_file(path: Path, file_idx: int, out_dir: Path) -> int:
     """Write the images of one parquet file as ``image_{file_idx}_{idx}.jpg`` (original bytes); skips files
     already written with the right size, so an interrupted extraction resumes. Returns images written."""
-    import pyarrow.parquet as pq
-
     written = 0
     parquet = pq.ParquetFile(path)
     idx = 0

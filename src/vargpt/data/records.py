@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-# The placeholders of the record format: the same strings as vargpt.model.tokens (a test keeps them equal),
+# The placeholders of the record format: the same strings as vargpt.tokens (a test keeps them equal),
 # defined here because importing vargpt.model loads the whole model stack (torch, transformers: seconds),
 # which conversion scripts and their spawned workers must not pay.
 IMAGE_PLACEHOLDER = "<image>"

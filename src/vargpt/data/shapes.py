@@ -26,12 +26,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from PIL import Image, ImageDraw
 
 from vargpt.data.chat import SYSTEM_PROMPT
-from vargpt.data.convert import ConvertedSample, Converter, ConvertOptions, Part, make_sample, run_conversion
+from vargpt.data.datasets_to_shards import ConvertedSample, Converter, ConvertOptions, Part, make_sample, run_conversion
 from vargpt.data.records import PLACEHOLDER_RE
 from vargpt.data.shards import write_json_atomic
+from vargpt.data.tokenizer import train_world_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -423,8 +425,6 @@ def build_shapes_world(
     Returns the path of the world's manifest. Re-running resumes or returns at once (the per-source
     conversions are idempotent).
     """
-    from vargpt.data.tokenizer import train_world_tokenizer
-
     out_dir = Path(out_dir)
     start = time.perf_counter()
     pool = ProcessPoolExecutor(num_workers) if num_workers > 1 else None
@@ -475,8 +475,6 @@ def ensure_shapes_world(
     that start together (ranks, or the backbone recipes run side by side) build it once: the check and the
     build hold a file lock beside the folder.
     """
-    from filelock import FileLock
-
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     path = root / "manifest.json"

@@ -180,7 +180,7 @@ def iter_raw_samples(
 
     ``handler`` decides on read errors as in WebDataset (return True to continue); the default re-raises.
     """
-    import webdataset as wds
+    import webdataset as wds  # only to read shards: the writers and the GPU image (no webdataset) import this module
 
     handler = handler or wds.reraise_exception
     return wds.tariterators.tarfile_samples(({"url": p} for p in paths), handler=handler)

@@ -16,7 +16,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from vargpt.model.tokens import GEN_TOKENS, IMAGE_TOKEN, PAD_TOKEN, SpecialTokenIds
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from vargpt.tokens import GEN_TOKENS, IMAGE_TOKEN, PAD_TOKEN, SpecialTokenIds
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +34,6 @@ def train_world_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size:
     Every printable ASCII character is in the alphabet, so any ASCII text (held-out wording too) encodes
     without ``<unk>``.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     if vocab_size < len(BASE_SPECIAL_TOKENS) + len(GEN_TOKENS) + len(string.printable) + 1:
         raise ValueError(f"vocab_size={vocab_size} cannot hold the special tokens and the ASCII alphabet")
     tok = Tokenizer(models.BPE(unk_token=UNK))
@@ -68,8 +68,6 @@ def load_tokenizer(path: str | Path) -> Any:
     Raises FileNotFoundError for a missing folder (never falls back to a hub download) and ValueError naming
     the missing special token otherwise.
     """
-    from transformers import AutoTokenizer
-
     folder = Path(path)
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
         raise FileNotFoundError(

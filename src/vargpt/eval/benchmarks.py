@@ -1,59 +1,47 @@
-"""Readers and scorers for local copies of the benchmark files lmms-eval evaluates on.
+"""The benchmark registry: each benchmark is ONE :class:`Benchmark` record, read from local copies of the files
+lmms-eval evaluates on.
+
+A record holds everything about a benchmark: where its files live and what they must contain (the reader's
+:class:`ParquetSource` s), its item builder (:mod:`vargpt.eval.benchmark_items`: the question prompt as
+lmms-eval builds it), its generation settings (lmms-eval's ``max_new_tokens``: :meth:`Benchmark.sampling`), its
+scorer (:mod:`vargpt.eval.benchmark_scores`) and the headline metrics the table shows. Adding a benchmark is
+one builder, one scorer (or an existing one) and one entry in :data:`BENCHMARKS`. The model-side prompt (chat
+template, ``<image>``, BOS) is the same for all: :func:`vargpt.eval.core.evaluation_context` +
+``vargpt.inference.generate(model, ..., prompt_format="evaluation")``; docs/evaluation.md has the whole protocol
+per benchmark.
 
 Each benchmark is read from a local copy of its lmms-lab Hugging Face dataset, in the repository's own parquet
-layout: ``<data_root>/<folder>/<files>`` as listed in :data:`BENCHMARKS`, which is what
-``huggingface-cli download lmms-lab/POPE --repo-type dataset --local-dir <data_root>/POPE`` produces. Nothing is
-downloaded here.
-
-:func:`read_benchmark` yields uniform :class:`BenchmarkItem` s: id, PIL image(s), the question prompt exactly as
-lmms-eval builds it (pre/post prompts included, chat template not), the gold answer(s) and the fields scoring needs.
-``item.record(prediction)`` is the JSON-serialisable line of a predictions file, and :func:`score` turns a list of
-such records into the benchmark's metrics, in percent (MME in its own points), computed as lmms-eval does (see
-:mod:`vargpt.eval.vqa` and :mod:`vargpt.eval.metrics` for every quirk and the choices made).
+layout: ``<data_root>/<folder>/<files>``, which is what ``huggingface-cli download lmms-lab/POPE --repo-type
+dataset --local-dir <data_root>/POPE`` produces. Nothing is downloaded here. :func:`read_benchmark` yields
+uniform :class:`~vargpt.eval.benchmark_items.BenchmarkItem` s; ``item.record(prediction)`` is the line of a
+predictions file, and :func:`score` turns a list of such records into the benchmark's metrics.
 :func:`benchmark_fingerprint` identifies the files a benchmark was read from (``src/eval.py`` refuses to resume
-predictions made from other files). The model-side prompt (chat template, ``<image>``, BOS) is
-``vargpt.eval.runner.evaluation_context`` + ``model.generate(..., prompt_format="evaluation")``;
-docs/evaluation.md has the whole protocol per benchmark.
-
-Prompt quirks kept because they change what the model sees: TextVQA and VizWiz pass the question through
-``str.capitalize()`` (which also lowercases the rest, "NASA" -> "nasa"); MMBench puts an empty line before its
-instruction; MMMU keeps the ``<image k>`` placeholders in the text.
+predictions made from other files).
 """
 
 from __future__ import annotations
 
-import ast
-import io
-import re
-from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
-from PIL import Image
 
-from vargpt.eval.metrics import (
-    exact_match,
-    mmbench_circular_accuracy,
-    mme_scores,
-    mmmu_extract_option,
-    mmmu_open_correct,
-    mmmu_parse_open,
-    option_letters,
-    pope_metrics,
-    scienceqa_correct,
-    seedbench_correct,
-)
-from vargpt.eval.vqa import VQAScheme, vqa_accuracy
+from vargpt.eval import benchmark_items as items
+from vargpt.eval import benchmark_scores as scores
+from vargpt.eval.benchmark_items import IMAGE_COLUMN, BenchmarkItem
+from vargpt.eval.benchmark_scores import Scorer
+from vargpt.model.sampling_config import SamplingConfig
 
-SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
-OPTION_LETTER = "\nAnswer with the option's letter from the given choices directly."
-VIZWIZ_SUFFIX = "\nWhen the provided information is insufficient, respond with 'Unanswerable'." + SHORT_ANSWER
-MME_INSTRUCTION = " Please answer yes or no."
 # lmms-eval's LLaVA-style model wrappers generate up to 1024 new tokens where a task sets no limit.
 DEFAULT_MAX_NEW_TOKENS = 1024
+# The shapes world's held-out split (vargpt.eval.shapes_eval): no files, its own items and scores.
+SHAPES = "shapes"
+SHAPES_HEADLINE = ("vqa/accuracy", "t2i/both", "t2i/colour", "t2i/shape", "t2i/image_rate", "t2i/reply_objects",
+                   "t2i/both_when_reply_right", "t2i/position", "t2i/position_objects", "t2i/position_chance",
+                   "t2i/clip_matched", "t2i/clip_shuffled", "vqvae/psnr")  # fmt: skip
+_ACCURACY = ("accuracy",)
 
 
 class BenchmarkDataError(ValueError):
@@ -74,8 +62,8 @@ class ParquetSource:
 
 
 @dataclass(frozen=True)
-class BenchmarkSpec:
-    """Where a benchmark's files live, what they must contain, and lmms-eval's generation length for it.
+class Benchmark:
+    """One benchmark: its files, item builder, generation length, scorer and headline metrics.
 
     The task YAMLs of TextVQA, VizWiz, MMBench and SEED-Bench also set ``until: ["ASSISTANT:"]``; VARGPT's
     lmms-eval wrapper (like ``llava_hf``) pops that setting and never uses it, so no stop string is kept here.
@@ -86,111 +74,104 @@ class BenchmarkSpec:
     hf_dataset: str
     folder: str
     source: ParquetSource
+    build: Callable[[dict, int, Path], BenchmarkItem]  # (row, position, parquet file) -> item
+    score: Scorer
+    headline: tuple[str, ...] = _ACCURACY  # the figures the table shows (everything is in scores.json)
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     images: ParquetSource | None = None  # GQA keeps its images in a second table, joined on imageId
 
-
-@dataclass(frozen=True)
-class BenchmarkItem:
-    """One question of a benchmark, uniform across benchmarks.
-
-    Attributes:
-        id: unique and stable within the benchmark (the dataset's question id, or the row position where it has none).
-        images: the visuals lmms-eval passes to the model, as RGB PIL images (several for SEED-Bench video, MMMU).
-        prompt: the question text with lmms-eval's pre/post prompts, without the model's chat template or image token.
-        answers: the gold answers: the human answers for VQA-style benchmarks, else the one answer / option letter.
-        fields: the per-benchmark values scoring needs (POPE/MME category, MMBench index and options, ...).
-    """
-
-    id: str
-    images: list[Image.Image]
-    prompt: str
-    answers: list[str]
-    fields: dict[str, Any]
-
-    def record(self, prediction: str) -> dict[str, Any]:
-        """The JSON-serialisable predictions-file line that :func:`score` reads (everything but the images)."""
-        return {"id": self.id, "prompt": self.prompt, "answers": self.answers, **self.fields, "prediction": prediction}
+    def sampling(self, base: Any = None, max_new_tokens: int | None = None) -> SamplingConfig:
+        """``base`` (greedy by default) with the benchmark's lmms-eval length (capped at ``max_new_tokens`` when
+        given), no stop string (the wrapper drops the tasks' ``until``) and no images."""
+        length = self.max_new_tokens if max_new_tokens is None else min(self.max_new_tokens, int(max_new_tokens))
+        return SamplingConfig.coerce(base, max_new_tokens=length, stop=[], max_images=0)
 
 
-_IMAGE = "image"
-BENCHMARKS: dict[str, BenchmarkSpec] = {
+_VQA = ("question_id", "question", "answers", IMAGE_COLUMN)
+_YES_NO = ("question_id", "question", "answer", "category", IMAGE_COLUMN)
+BENCHMARKS: dict[str, Benchmark] = {
     spec.name: spec
     for spec in (
-        BenchmarkSpec(
-            "vqav2", "vqav2_val", "lmms-lab/VQAv2", "VQAv2",
-            ParquetSource("data/validation-*.parquet", ("question_id", "question", "answers", _IMAGE)),
-            max_new_tokens=16,
+        Benchmark(
+            "vqav2", "vqav2_val", "lmms-lab/VQAv2", "VQAv2", ParquetSource("data/validation-*.parquet", _VQA),
+            items.vqav2_item, scores.vqa_scorer("vqav2"), max_new_tokens=16,
         ),
-        BenchmarkSpec(
+        Benchmark(
             "gqa", "gqa", "lmms-lab/GQA", "GQA",
             ParquetSource("testdev_balanced_instructions/testdev-*.parquet", ("id", "imageId", "question", "answer")),
-            max_new_tokens=16,
-            images=ParquetSource("testdev_balanced_images/testdev-*.parquet", ("id", _IMAGE)),
+            items.gqa_item, scores.score_gqa, max_new_tokens=16,
+            images=ParquetSource("testdev_balanced_images/testdev-*.parquet", ("id", IMAGE_COLUMN)),
         ),
-        BenchmarkSpec(
-            "textvqa", "textvqa_val", "lmms-lab/textvqa", "textvqa",
-            ParquetSource("data/validation-*.parquet", ("question_id", "question", "answers", _IMAGE)),
+        Benchmark(
+            "textvqa", "textvqa_val", "lmms-lab/textvqa", "textvqa", ParquetSource("data/validation-*.parquet", _VQA),
+            items.textvqa_item, scores.vqa_scorer("evalai"),
         ),
-        BenchmarkSpec(
-            "vizwiz", "vizwiz_vqa_val", "lmms-lab/VizWiz-VQA", "VizWiz-VQA",
-            ParquetSource("data/val-*.parquet", ("question_id", "question", "answers", _IMAGE)),
+        Benchmark(
+            "vizwiz", "vizwiz_vqa_val", "lmms-lab/VizWiz-VQA", "VizWiz-VQA", ParquetSource("data/val-*.parquet", _VQA),
+            items.vizwiz_item, scores.vqa_scorer("evalai"),
         ),
-        BenchmarkSpec(
+        Benchmark(
             "scienceqa_img", "scienceqa_img", "lmms-lab/ScienceQA", "ScienceQA",
-            ParquetSource("ScienceQA-IMG/test-*.parquet", ("question", "choices", "answer", "hint", _IMAGE)),
-            max_new_tokens=16,
+            ParquetSource("ScienceQA-IMG/test-*.parquet", ("question", "choices", "answer", "hint", IMAGE_COLUMN)),
+            items.scienceqa_item, scores.score_scienceqa, max_new_tokens=16,
         ),
-        BenchmarkSpec(
-            "pope", "pope", "lmms-lab/POPE", "POPE",
-            ParquetSource("data/test-*.parquet", ("question_id", "question", "answer", "category", _IMAGE)),
+        Benchmark(
+            "pope", "pope", "lmms-lab/POPE", "POPE", ParquetSource("data/test-*.parquet", _YES_NO),
+            items.pope_item, scores.score_pope,
+            headline=("adversarial/pope_accuracy", "pope_accuracy", "pope_f1_score", "predicted_yes_ratio"),
             max_new_tokens=128,
         ),
-        BenchmarkSpec(
-            "mme", "mme", "lmms-lab/MME", "MME",
-            ParquetSource("data/test-*.parquet", ("question_id", "question", "answer", "category", _IMAGE)),
-            max_new_tokens=16,
+        Benchmark(
+            "mme", "mme", "lmms-lab/MME", "MME", ParquetSource("data/test-*.parquet", _YES_NO),
+            items.mme_item, scores.score_mme, headline=("perception", "cognition"), max_new_tokens=16,
         ),
-        BenchmarkSpec(
+        Benchmark(
             "mmbench", "mmbench_en_dev", "lmms-lab/MMBench", "MMBench",
             ParquetSource(
                 "en/dev-*.parquet",
-                ("index", "question", "hint", "answer", "A", "B", "C", "D", "category", _IMAGE),
+                ("index", "question", "hint", "answer", "A", "B", "C", "D", "category", IMAGE_COLUMN),
                 optional=("E",),
             ),
+            items.mmbench_item, scores.score_mmbench,
         ),
-        BenchmarkSpec(
+        Benchmark(
             "seedbench", "seedbench", "lmms-lab/SEED-Bench", "SEED-Bench",
             ParquetSource(
                 "data/test-*.parquet",
                 ("question_id", "question", "choice_a", "choice_b", "choice_c", "choice_d", "answer", "data_type",
-                 _IMAGE),
+                 IMAGE_COLUMN),
             ),
+            items.seedbench_item, scores.score_seedbench, headline=("image/accuracy", "all/accuracy"),
         ),
-        BenchmarkSpec(
+        Benchmark(
             "mmmu", "mmmu_val", "lmms-lab/MMMU", "MMMU",
             ParquetSource(
                 "data/validation-*.parquet",
                 ("id", "question", "options", "answer", "question_type", *(f"image_{k}" for k in range(1, 8))),
             ),
-            max_new_tokens=16,
+            items.mmmu_item, scores.score_mmmu, max_new_tokens=16,
         ),
     )
 }  # fmt: skip
 
 
-def get_spec(benchmark: str) -> BenchmarkSpec:
-    """The :class:`BenchmarkSpec` of a benchmark name, with a clear error for unknown names."""
+def get_benchmark(benchmark: str) -> Benchmark:
+    """The :class:`Benchmark` of a benchmark name, with a clear error for unknown names."""
     try:
         return BENCHMARKS[benchmark]
     except KeyError:
         raise ValueError(f"unknown benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}") from None
 
 
+def headline(benchmark: str) -> tuple[str, ...]:
+    """The figures the table shows for a benchmark name (the shapes world's included)."""
+    return SHAPES_HEADLINE if benchmark == SHAPES else get_benchmark(benchmark).headline
+
+
 # ----------------------------------------------------------------------------------------------------- file access
 
 
-def _expected(spec: BenchmarkSpec, source: ParquetSource) -> str:
+def _expected(spec: Benchmark, source: ParquetSource) -> str:
     """What a benchmark expects, for error messages."""
     return (
         f"expected a local copy of the Hugging Face dataset {spec.hf_dataset} (e.g. `huggingface-cli download "
@@ -199,7 +180,7 @@ def _expected(spec: BenchmarkSpec, source: ParquetSource) -> str:
     )
 
 
-def _source_files(spec: BenchmarkSpec, folder: Path, source: ParquetSource) -> list[Path]:
+def _source_files(spec: Benchmark, folder: Path, source: ParquetSource) -> list[Path]:
     """The files of a source, checked to exist and to have the required columns."""
     files = sorted(folder.glob(source.pattern))
     if not files:
@@ -231,198 +212,22 @@ def _iter_rows(files: Sequence[Path], source: ParquetSource, limit: int | None) 
                 yield row, path
 
 
-def _image(value: Mapping[str, Any] | None, parquet_path: Path) -> Image.Image | None:
-    """Decode a Hugging Face ``Image`` cell (``{bytes, path}`` struct) to an RGB PIL image; ``None`` stays ``None``.
-
-    Embedded bytes are used when present; otherwise ``path`` is opened, relative to the parquet file's folder.
-    """
-    if value is None:
-        return None
-    if value.get("bytes") is not None:
-        image = Image.open(io.BytesIO(value["bytes"]))
-    elif value.get("path"):
-        image = Image.open(parquet_path.parent / value["path"])
-    else:
-        return None
-    return image.convert("RGB")  # lmms-eval converts every visual to RGB
-
-
-def _images(*values: Image.Image | None) -> list[Image.Image]:
-    """The decoded images, without the missing ones."""
-    return [value for value in values if value is not None]
-
-
-# ---------------------------------------------------------------------------------------------- item builders
-# One per benchmark, each mirroring its lmms-eval task's doc_to_visual / doc_to_text / doc_to_target. Arguments: the
-# row (needed columns only), its position in the benchmark, and the parquet file it came from.
-
-
-def _vqav2_item(row: dict, index: int, path: Path) -> BenchmarkItem:
-    """VQAv2: the question plus the short-answer instruction; the 10 human answers."""
-    answers = [entry["answer"] for entry in row["answers"] or []]
-    return BenchmarkItem(
-        str(row["question_id"]), _images(_image(row[_IMAGE], path)), f"{row['question']}{SHORT_ANSWER}", answers, {}
-    )
-
-
-def _gqa_item(row: dict, index: int, path: Path) -> BenchmarkItem:
-    """GQA testdev-balanced: the question plus the short-answer instruction; the one answer."""
-    # The image comes from the images table (see _join_gqa_images), decoded relative to that table's file.
-    image_value, image_path = row[_IMAGE]
-    return BenchmarkItem(
-        str(row["id"]),
-        _images(_image(image_value, image_path)),
-        f"{row['question']}{SHORT_ANSWER}",
-        [row["answer"]],
-        {},
-    )
-
-
-def _textvqa_item(row: dict, index: int, path: Path) -> BenchmarkItem:
-    """TextVQA val: the capitalised question plus the short-answer instruction (no OCR tokens); 10 answers."""
-    return BenchmarkItem(
-        str(row["question_id"]),
-        _images(_image(row[_IMAGE], path)),
-        f"{row['question'].capitalize()}{SHORT_ANSWER}",
-        list(row["answers"] or []),
-        {},
-    )
-
-
-def _vizwiz_item(row: dict, index: int, path: Path) -> BenchmarkItem:
-    """VizWiz-VQA val: the capitalised question plus the "Unanswerable" and short-answer instructions."""
-    return BenchmarkItem(
-        str(row["question_id"]),
-        _images(_image(row[_IMAGE], path)),
-        f"{row['question'].capitalize()}{VIZWIZ_SUFFIX}",
-        list(row["answers"] or []),
-        {},
-    )
-
-
-def _scienceqa_item(row: dict, index: int, path: Path) -> BenchmarkItem:
-    """ScienceQA-IMG test: optional "Context:" hint, question, lettered choices, option-letter instruction."""
-    choices = list(row["choices"])
-    letters = option_letters(len(choices))
-    # Upstream renders a null hint as "None"; the lmms-lab files use "" for "no hint", which both treat alike.
-    context = f"Context: {row['hint']}\n" if row["hint"] else ""
-    options = "\n".join(f"{letter}. {choice}" for letter, choice in zip(letters, choices, strict=True))
-    return BenchmarkItem(
-        str(index),  # the files have no id column; the row position is stable for a given copy
-        _images(_image(row[_IMAGE], path)),
-        f"{context}{row['question']}\n{options}{OPTION_LETTER}",
-        [letters[row["answer"]]],
-        {},
-    )
-
-
-def _pope_item(row: dict, index: int, path: Path) -> BenchmarkItem:
-    """POPE (all three categories): the stripped question plus the short-answer instruction; "yes" or "no"."""
-    return BenchmarkItem(
-        f"{row['category']}/{row['question_id']}",  # question ids restart in each of the three categories
-        _images(_image(row[_IMAGE], path)),
-        f"{row['question'].strip()}{SHORT_ANSWER}",
-        [row["answer"]],
-        {"category": row["category"]},
-    )
-
-
-def _mme_item(row: dict, index: int, path: Path) -> BenchmarkItem:
-    """MME: the question with its " Please answer yes or no." swapped for the short-answer instruction."""
-    question = row["question"].strip().replace(MME_INSTRUCTION, "")
-    return BenchmarkItem(
-        str(index),  # question_id names the image, shared by the two questions of a pair
-        _images(_image(row[_IMAGE], path)),
-        f"{question}{SHORT_ANSWER}",
-        [row["answer"]],
-        {"question_id": row["question_id"], "category": row["category"]},
-    )
-
-
-def _mmbench_item(row: dict, index: int, path: Path) -> BenchmarkItem:
-    """MMBench-EN dev: hint, question, "There are several options:" list, option-letter instruction."""
-    options = {letter: row[letter] for letter in "ABCDE" if row.get(letter) and row[letter] != "nan"}
-    options_prompt = "\n".join(["There are several options:", *(f"{k}. {v}" for k, v in options.items())])
-    hint = row["hint"]
-    head = f"{hint} {row['question']}" if hint is not None and hint != "nan" else row["question"]
-    return BenchmarkItem(
-        str(row["index"]),
-        _images(_image(row[_IMAGE], path)),
-        # lmms-eval joins with "\n" and its post prompt starts with "\n" too: an empty line, kept.
-        f"{head} {options_prompt}\n{OPTION_LETTER}",
-        [row["answer"]],
-        {"index": int(row["index"]), "category": row["category"], "options": options},
-    )
-
-
-def _seedbench_item(row: dict, index: int, path: Path) -> BenchmarkItem:
-    """SEED-Bench: question, four lettered choices, option-letter instruction; all images (video frames too)."""
-    choices = "\n".join(f"{letter}. {row[f'choice_{letter.lower()}']}" for letter in "ABCD")
-    return BenchmarkItem(
-        str(row["question_id"]),
-        _images(*(_image(value, path) for value in row[_IMAGE] or [])),
-        f"{row['question']}\n{choices}{OPTION_LETTER}",
-        [row["answer"]],
-        {"data_type": row["data_type"]},
-    )
-
-
-_MMMU_IMAGE_TOKEN = re.compile(r"<image \d+>")
-
-
-def _mmmu_item(row: dict, index: int, path: Path) -> BenchmarkItem:
-    """MMMU val: multiple-choice (lettered options, option-letter instruction) or open (short-answer instruction)."""
-    multiple_choice = row["question_type"] == "multiple-choice"
-    # The MMMU files store the options as the repr of a Python list.
-    options = [str(option) for option in ast.literal_eval(row["options"])] if multiple_choice else []
-    if multiple_choice:
-        listed = "\n".join(f"{k}. {option}" for k, option in zip(option_letters(len(options)), options, strict=True))
-        text = f"{row['question']}\n{listed}\n\n"
-        prompt = text + OPTION_LETTER.lstrip("\n")
-    else:
-        text = f"{row['question']}\n\n"
-        prompt = text + SHORT_ANSWER.lstrip("\n")
-    # As upstream: the images are those whose <image k> token occurs in the question or options, in column order.
-    columns = sorted({token.strip("<>").replace(" ", "_") for token in _MMMU_IMAGE_TOKEN.findall(text)})
-    return BenchmarkItem(
-        str(row["id"]),
-        _images(*(_image(row.get(column), path) for column in columns)),
-        prompt,
-        [row["answer"]],
-        {"question_type": row["question_type"], "options": options},
-    )
-
-
-_ITEM_BUILDERS: dict[str, Callable[[dict, int, Path], BenchmarkItem]] = {
-    "vqav2": _vqav2_item,
-    "gqa": _gqa_item,
-    "textvqa": _textvqa_item,
-    "vizwiz": _vizwiz_item,
-    "scienceqa_img": _scienceqa_item,
-    "pope": _pope_item,
-    "mme": _mme_item,
-    "mmbench": _mmbench_item,
-    "seedbench": _seedbench_item,
-    "mmmu": _mmmu_item,
-}
-
-
 def _join_gqa_images(
-    spec: BenchmarkSpec, rows: Iterator[tuple[dict, Path]], image_files: Sequence[Path]
+    spec: Benchmark, rows: Iterator[tuple[dict, Path]], image_files: Sequence[Path]
 ) -> Iterator[tuple[dict, Path]]:
     """Attach to each GQA question row its ``(image cell, images file)``, reading only the images needed."""
     question_rows = list(rows)
     needed = {row["imageId"] for row, _ in question_rows}
     found: dict[str, tuple[dict, Path]] = {}
     for path in image_files if needed else []:
-        table = pq.read_table(path, columns=["id", _IMAGE], filters=[("id", "in", list(needed))])
-        found.update((row["id"], (row[_IMAGE], path)) for row in table.to_pylist())
+        table = pq.read_table(path, columns=["id", IMAGE_COLUMN], filters=[("id", "in", list(needed))])
+        found.update((row["id"], (row[IMAGE_COLUMN], path)) for row in table.to_pylist())
     if missing := sorted(needed - found.keys()):
         raise BenchmarkDataError(
             f"benchmark {spec.name!r}: no image in {spec.images.pattern} for imageId {missing[:5]}"
         )
     for row, path in question_rows:
-        yield {**row, _IMAGE: found[row["imageId"]]}, path
+        yield {**row, IMAGE_COLUMN: found[row["imageId"]]}, path
 
 
 def read_benchmark(benchmark: str, data_root: str | Path, limit: int | None = None) -> Iterator[BenchmarkItem]:
@@ -432,126 +237,31 @@ def read_benchmark(benchmark: str, data_root: str | Path, limit: int | None = No
     :class:`BenchmarkFileNotFoundError`, a missing column :class:`BenchmarkDataError`, both naming the benchmark, the
     Hugging Face dataset and the expected files and columns. ``limit`` reads only the first ``limit`` items.
     """
-    spec = get_spec(benchmark)
+    spec = get_benchmark(benchmark)
     folder = Path(data_root) / spec.folder
     files = _source_files(spec, folder, spec.source)
     image_files = _source_files(spec, folder, spec.images) if spec.images else []
-    build = _ITEM_BUILDERS[spec.name]
 
-    def items() -> Iterator[BenchmarkItem]:
+    def stream() -> Iterator[BenchmarkItem]:
         rows = _iter_rows(files, spec.source, limit)
         if spec.images:
             rows = _join_gqa_images(spec, rows, image_files)
         for index, (row, path) in enumerate(rows):
-            yield build(row, index, path)
+            yield spec.build(row, index, path)
 
-    return items()
+    return stream()
 
 
 def benchmark_fingerprint(benchmark: str, data_root: str | Path) -> dict[str, list[int]]:
     """``{file: [size in bytes, mtime in ns]}`` of the parquet files :func:`read_benchmark` reads (paths relative
     to ``data_root``): cheap, and any rewrite, replacement or new shard changes it (image files that a parquet
     file only references by path are not listed). Missing files raise as in :func:`read_benchmark`."""
-    spec = get_spec(benchmark)
+    spec = get_benchmark(benchmark)
     folder = Path(data_root) / spec.folder
     sources = [spec.source, *([spec.images] if spec.images else [])]
     files = [path for source in sources for path in _source_files(spec, folder, source)]
     stats = {path.relative_to(Path(data_root)).as_posix(): path.stat() for path in files}
     return {name: [stat.st_size, stat.st_mtime_ns] for name, stat in stats.items()}
-
-
-# ------------------------------------------------------------------------------------------------------- scoring
-
-
-def _percent(values: Sequence[float]) -> float:
-    """Mean of per-item scores in percent (0 for no items)."""
-    return 100.0 * sum(values) / len(values) if values else 0.0
-
-
-def _vqa_scorer(scheme: VQAScheme) -> Callable[[Sequence[Mapping[str, Any]], bool], dict[str, float]]:
-    """A scorer averaging :func:`vqa_accuracy` with the given normalisation scheme."""
-
-    def scorer(records: Sequence[Mapping[str, Any]], faithful: bool) -> dict[str, float]:
-        """Mean VQA accuracy in percent."""
-        return {"accuracy": _percent([vqa_accuracy(r["prediction"], r["answers"], scheme) for r in records])}
-
-    return scorer
-
-
-def _score_gqa(records: Sequence[Mapping[str, Any]], faithful: bool) -> dict[str, float]:
-    """Exact match, ignoring case and punctuation."""
-    return {"accuracy": _percent([exact_match(r["prediction"], r["answers"][0]) for r in records])}
-
-
-def _score_scienceqa(records: Sequence[Mapping[str, Any]], faithful: bool) -> dict[str, float]:
-    """Option-letter accuracy."""
-    return {"accuracy": _percent([scienceqa_correct(r["prediction"], r["answers"][0], faithful) for r in records])}
-
-
-def _score_pope(records: Sequence[Mapping[str, Any]], faithful: bool) -> dict[str, float]:
-    """Overall POPE metrics (lmms-eval's ``pope`` task's, plus ``predicted_yes_ratio``: see
-    :func:`~vargpt.eval.metrics.pope_metrics`) and the same per category (adversarial / popular / random; VARGPT
-    reports adversarial accuracy), in percent."""
-    groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list, {"": []})
-    for record in records:
-        groups[""].append(record)
-        groups[f"{record['category']}/"].append(record)
-    scores = {}
-    for prefix, group in sorted(groups.items()):
-        metrics = pope_metrics([r["prediction"] for r in group], [r["answers"][0] for r in group])
-        scores.update({f"{prefix}{name}": 100.0 * value for name, value in metrics.items()})
-    return scores
-
-
-def _score_mme(records: Sequence[Mapping[str, Any]], faithful: bool) -> dict[str, float]:
-    """Per-category acc / acc+ / score and the perception and cognition sums."""
-    return mme_scores((r["question_id"], r["category"], r["prediction"], r["answers"][0]) for r in records)
-
-
-def _score_mmbench(records: Sequence[Mapping[str, Any]], faithful: bool) -> dict[str, float]:
-    """CircularEval accuracy over the questions whose original row was scored."""
-    accuracy, _ = mmbench_circular_accuracy(
-        (r["index"], r["prediction"], r["answers"][0], r["options"]) for r in records
-    )
-    return {"accuracy": 100.0 * accuracy}
-
-
-def _score_seedbench(records: Sequence[Mapping[str, Any]], faithful: bool) -> dict[str, float]:
-    """Accuracy over all questions and per data type ("image", "video"; VARGPT reports SEED-Bench images)."""
-    by_type: dict[str, list[float]] = defaultdict(list, {"all": []})
-    for record in records:
-        hit = seedbench_correct(record["prediction"], record["answers"][0])
-        by_type["all"].append(hit)
-        by_type[record["data_type"]].append(hit)
-    return {f"{data_type}/accuracy": _percent(hits) for data_type, hits in sorted(by_type.items())}
-
-
-def _mmmu_correct(record: Mapping[str, Any], faithful: bool) -> float:
-    """One MMMU question: the parsed option letter, or the parsed open answer, against the gold answer."""
-    answer, prediction = record["answers"][0], record["prediction"]
-    if record["question_type"] == "multiple-choice":
-        return float(mmmu_extract_option(prediction, record["options"], record["id"], faithful) == answer)
-    return mmmu_open_correct(answer, mmmu_parse_open(prediction))
-
-
-def _score_mmmu(records: Sequence[Mapping[str, Any]], faithful: bool) -> dict[str, float]:
-    """Accuracy over multiple-choice and open questions."""
-    # Upstream averages per subject weighted by size, which equals the plain mean over questions.
-    return {"accuracy": _percent([_mmmu_correct(r, faithful) for r in records])}
-
-
-_SCORERS: dict[str, Callable[[Sequence[Mapping[str, Any]], bool], dict[str, float]]] = {
-    "vqav2": _vqa_scorer("vqav2"),
-    "gqa": _score_gqa,
-    "textvqa": _vqa_scorer("evalai"),
-    "vizwiz": _vqa_scorer("evalai"),
-    "scienceqa_img": _score_scienceqa,
-    "pope": _score_pope,
-    "mme": _score_mme,
-    "mmbench": _score_mmbench,
-    "seedbench": _score_seedbench,
-    "mmmu": _score_mmmu,
-}
 
 
 def score(benchmark: str, predictions: Sequence[Mapping[str, Any]], faithful: bool = True) -> dict[str, float]:
@@ -563,5 +273,4 @@ def score(benchmark: str, predictions: Sequence[Mapping[str, Any]], faithful: bo
     ``faithful=False`` repairs the lmms-eval bugs that have a repaired variant (ScienceQA's dead "A." fallback,
     MMMU's random answer for unparsable multiple-choice responses).
     """
-    scores = _SCORERS[get_spec(benchmark).name](predictions, faithful)
-    return {"n": float(len(predictions)), **scores}
+    return {"n": float(len(predictions)), **get_benchmark(benchmark).score(predictions, faithful)}

@@ -13,14 +13,17 @@ Every ``every_n_steps`` optimizer steps and at the end of training, on a fixed, 
 
 Metrics land in the trainer's loggers under ``eval/`` at the current step, with ``eval/seconds`` (time spent).
 
-Distributed runs: every rank answers its share of the subset (shares padded to equal length) and rank 0
-gathers the records and images, scores and logs. Under DDP each rank holds the whole model, so shares run
-independently. Under FSDP (parameters sharded) every forward is a collective, so all ranks must make the same
-forward calls: the root's parameters are gathered for the evaluation (``unshard``), images are forced at the
-start of each reply (one image group, no text), and answers run for exactly ``vqa_max_new_tokens`` steps with
-end-of-sequence masked, each answer cut where the model would have ended it (shapes prompts must leave that many
-positions free in the LLM's context, else a row would end early and the ranks would fall out of step; benchmark
-prompts run past the limit, as in ``src/eval.py``).
+Questions are answered and images drawn by :mod:`vargpt.eval.core`, the functions ``src/eval.py`` calls, so a
+record (and every figure) is the same as offline on the same model and items.
+
+Distributed runs: every rank answers its share of the subset (``core.rank_share``: shares padded to equal
+length) and rank 0 gathers the records and images, scores and logs. Under DDP each rank holds the whole model, so
+shares run independently. Under FSDP (parameters sharded) every forward is a collective, so all ranks must make
+the same forward calls (``lockstep=True`` of the core): the root's parameters are gathered for the evaluation
+(``unshard``), images are forced at the start of each reply (one image group, ``max_new_tokens=1``), and
+answers run for exactly ``vqa_max_new_tokens`` steps with end-of-sequence masked, each answer cut where the
+model would have ended it (shapes prompts must leave that many positions free in the LLM's context, else a row
+would end early and the ranks would fall out of step; benchmark prompts run past the limit, as in ``src/eval.py``).
 
 Enable it with ``python src/train.py callbacks=eval`` (``conf/callbacks/eval.yaml``: the default callbacks plus
 this one under ``callbacks.extra.eval``).
@@ -42,25 +45,23 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import MLFlowLogger
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image, ImageDraw
 
 from vargpt.eval import shapes_eval as se
-from vargpt.eval.vqa import normalize_answer
+from vargpt.eval.benchmarks import SHAPES, get_benchmark, read_benchmark, score
+from vargpt.eval.core import BENCHMARK_QUESTIONS, CHAT_QUESTIONS, PromptItem, answer, draw, rank_share
+from vargpt.eval.judge import ShapesJudge
+from vargpt.model.sampling_config import SamplingConfig
 
 log = logging.getLogger(__name__)
-
-SHAPES = "shapes"
 
 
 def _plain(value: Any) -> Any:
     """OmegaConf containers (from Hydra's instantiate) as plain Python values."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, DictConfig | ListConfig):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
     return value
 
 
@@ -83,24 +84,6 @@ def image_grid(
         if i < len(captions):
             draw.text((x + 2, y + tile + 1), captions[i][: tile // 6], fill=(0, 0, 0))
     return grid
-
-
-class _EOSRecorder:
-    """Fixed-length decoding (FSDP lockstep): masks end-of-sequence and remembers, per sample, the step at
-    which greedy decoding would have ended the reply."""
-
-    def __init__(self, eos: int, n: int) -> None:
-        self.eos = eos
-        self.ends: list[int | None] = [None] * n
-
-    def __call__(self, samples: list[int], reply_ids: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
-        wants_eos = (logits.argmax(-1) == self.eos).tolist()
-        for row, sample in enumerate(samples):
-            if wants_eos[row] and self.ends[sample] is None:
-                self.ends[sample] = len(reply_ids[row])
-        logits = logits.clone()
-        logits[:, self.eos] = float("-inf")
-        return logits
 
 
 class EvalCallback(Callback):
@@ -224,104 +207,56 @@ class EvalCallback(Callback):
         log.info("eval at step %d: %s", step, {k: round(v, 3) for k, v in metrics.items()})
         return metrics
 
-    def _shares(self, items: list[Any], rank: int, world: int) -> list[tuple[int, Any]]:
-        """This rank's (index, item) pairs: round-robin, padded with repeats so every rank has as many."""
-        if not items:
-            return []
-        per_rank = -(-len(items) // world)
-        indices = [rank + world * k for k in range(per_rank)]
-        return [(i if i < len(items) else -1, items[i % len(items)]) for i in indices]
-
     def _local_results(self, model: Any, rank: int, world: int, lockstep: bool) -> dict[str, Any]:
         """This rank's share: VQA records and drawn (index, record, image) triples."""
         out: dict[str, Any] = {"vqa": [], "t2i": []}
         if self.vqa > 0:
-            out["vqa"] = self._answer(model, self._shares(self._vqa_items(), rank, world), lockstep)
+            out["vqa"] = self._answer(model, rank_share(self._vqa_items(), rank, world), lockstep)
         if self.num_images > 0:
-            out["t2i"] = self._draw(model, self._shares(self._t2i_items(), rank, world), lockstep)
+            out["t2i"] = self._draw(model, rank_share(self._t2i_items(), rank, world), lockstep)
         return out
 
     # ------------------------------------------------------------------ the subset
     def _vqa_items(self) -> list[Any]:
         if self.vqa_source == SHAPES:
             return se.vqa_items(self.vqa, self.seed, self.image_size)
-        from vargpt.eval.benchmarks import read_benchmark
-
         return list(read_benchmark(self.vqa_source, self.data_root or ".", limit=self.vqa))
 
     def _t2i_items(self) -> list[Any]:
         if self.prompts is None:
             return se.t2i_items(self.num_images, self.seed)
-        return list(self.prompts[: self.num_images])
+        return [PromptItem(index, prompt) for index, prompt in enumerate(self.prompts[: self.num_images])]
 
     # ------------------------------------------------------------------ generation
     def _answer(self, model: Any, shares: list[tuple[int, Any]], lockstep: bool) -> list[tuple[int, dict]]:
-        """(index, record) per question. A benchmark's questions are asked as ``src/eval.py`` asks them
-        (``runner.answer_items``: lmms-eval's one-string prompt, its settings, the answer after the last marker);
-        the shapes world's in the training template its model learnt."""
-        from vargpt.eval.runner import answer_items, answer_marker, benchmark_sampling, extract_answer
-
-        shapes = self.vqa_source == SHAPES
-        if shapes:
-            sampling = se.vqa_sampling(self.vqa_max_new_tokens)
-        else:  # the benchmark's settings, answers capped at vqa_max_new_tokens (a quick signal, not the score)
-            sampling = benchmark_sampling(self.vqa_source, max_new_tokens=self.vqa_max_new_tokens)
-        marker = answer_marker(model.tokenizer)
-        results = []
-        for batch in se.batched(shares, self.batch_size):
-            items = [item for _, item in batch]
-            recorder = _EOSRecorder(model.ids.eos, len(items)) if lockstep else None
-            if shapes:
-                prompts, images = [item.prompt for item in items], [item.images for item in items]
-                outputs = model.generate(prompts, images, sampling=sampling, logits_processor=recorder)
-            else:
-                outputs = answer_items(model, items, sampling, logits_processor=recorder)
-            for j, ((index, item), out) in enumerate(zip(batch, outputs, strict=True)):
-                text = out.text
-                if recorder is not None:
-                    end = recorder.ends[j]
-                    text = model.tokenizer.decode(out.token_ids[:end], skip_special_tokens=True)
-                if shapes:
-                    prediction = text.strip()
-                    correct = float(normalize_answer(prediction) == normalize_answer(item.answer))
-                    record = item.record(prediction=prediction, correct=correct)
-                else:
-                    record = item.record(extract_answer(text, marker))
-                results.append((index, record))
-        return results
+        """(index, record) per question, through :func:`vargpt.eval.core.answer` as ``src/eval.py`` asks: a
+        benchmark's questions with lmms-eval's prompt and settings (answers capped at ``vqa_max_new_tokens``: a
+        quick signal, not the score), the shapes world's in the training template its model learnt."""
+        if self.vqa_source == SHAPES:
+            questions, sampling = CHAT_QUESTIONS, se.vqa_sampling(self.vqa_max_new_tokens)
+        else:
+            sampling = get_benchmark(self.vqa_source).sampling(max_new_tokens=self.vqa_max_new_tokens)
+            questions = BENCHMARK_QUESTIONS
+        items = [item for _, item in shares]
+        batches = answer(model, items, questions, sampling, self.batch_size, lockstep=lockstep)
+        records = [record for batch in batches for record in batch]
+        return [(index, record) for (index, _), record in zip(shares, records, strict=True)]
 
     def _draw(self, model: Any, shares: list[tuple[int, Any]], lockstep: bool) -> list[tuple[int, dict, Any]]:
-        """(index, record, image or None) per prompt; shapes instructions are judged when ``judge`` is on."""
-        from vargpt.eval.judge import ShapesJudge
-        from vargpt.model.sampling_config import SamplingConfig
-
-        cfg = SamplingConfig.coerce(self.sampling, max_new_tokens=1 if lockstep else self.max_new_tokens)
-        cfg = SamplingConfig.coerce(cfg, max_images=max(cfg.max_images, 1))
+        """(index, record, image or None) per prompt, through :func:`vargpt.eval.core.draw` as ``src/eval.py``
+        draws; shapes instructions are judged when ``judge`` is on."""
+        sampling = SamplingConfig.coerce(self.sampling, max_new_tokens=self.max_new_tokens)
         judge = None
         if self.judge and self.prompts is None:
             if self._judge is None:  # validates itself once
                 self._judge = ShapesJudge(model.cfg.vqvae.image_size, n_validation=self.judge_validation)
             judge = self._judge
-        results: list[tuple[int, dict, Any]] = []
-        for batch in se.batched(shares, self.batch_size):
-            shapes_items = [item for _, item in batch] if self.prompts is None else None
-            prompts = [item.prompt for item in shapes_items] if shapes_items else [p for _, p in batch]
-            # Sample i of the fixed list always gets seed + i (padding repeats reuse their original's seed).
-            seeds = [cfg.seed + (item.index if shapes_items else max(index, 0)) for (index, item) in batch]
-            outputs = model.generate(prompts, sampling=cfg, force_image=self.force_image or lockstep, seeds=seeds)
-            for k, ((index, _), out) in enumerate(zip(batch, outputs, strict=True)):
-                image = out.images[0] if out.images else None
-                if shapes_items:
-                    item = shapes_items[k]
-                    judged = judge is not None and image is not None
-                    verdict = judge.judge(image, item.scene, item.requested).scores() if judged else {}
-                    record = item.record(reply=out.text, has_image=float(image is not None), **verdict)
-                else:
-                    record = {"prompt": prompts[k], "reply": out.text, "has_image": float(image is not None)}
-                if judge is not None and image is None:
-                    record.update(colour=0.0, shape=0.0, both=0.0)
-                results.append((index, record, image))
-        return results
+        items = [item for _, item in shares]
+        batches = draw(
+            model, items, sampling, self.batch_size, judge=judge, force_image=self.force_image, lockstep=lockstep
+        )
+        drawn = [pair for batch in batches for pair in batch]
+        return [(index, record, image) for (index, _), (record, image) in zip(shares, drawn, strict=True)]
 
     # ------------------------------------------------------------------ scoring and logging (rank 0)
     def _score(self, parts: list[dict[str, Any]]) -> tuple[dict[str, float], Image.Image | None]:
@@ -333,13 +268,9 @@ class EvalCallback(Callback):
             if self.vqa_source == SHAPES:
                 metrics["eval/vqa_accuracy"] = se.score_vqa(records)["accuracy"]
             else:
-                from vargpt.eval.benchmarks import score
-                from vargpt.eval.runner import HEADLINE
-
                 scores = score(self.vqa_source, records)
                 metrics.update({f"eval/{self.vqa_source}/{k}": v for k, v in scores.items() if k != "n"})
-                headline = HEADLINE[self.vqa_source][0]
-                metrics["eval/vqa_accuracy"] = scores[headline]
+                metrics["eval/vqa_accuracy"] = scores[get_benchmark(self.vqa_source).headline[0]]
         grid = None
         if t2i:
             records = [r for _, (r, _) in t2i]
@@ -370,7 +301,7 @@ class EvalCallback(Callback):
 
     def _clip_judge(self) -> Any:
         if self._clip is None and self.clip_cfg.get("weights"):
-            from vargpt.eval.clip_score import load_open_clip
+            from vargpt.eval.clip_score import load_open_clip  # lazy: open_clip is heavy, needed only with weights
 
             c = self.clip_cfg
             self._clip = load_open_clip(c.get("arch", "ViT-B-32"), c["weights"], c.get("model_cfg"))
@@ -405,8 +336,6 @@ class EvalCallback(Callback):
 # ------------------------------------------------------------------------------------------------ helpers
 def _log_artifact(trainer: pl.Trainer, path: Path) -> None:
     """Attach a file to every MLflow logger's run (under ``eval/``)."""
-    from lightning.pytorch.loggers import MLFlowLogger
-
     for logger in trainer.loggers:
         if isinstance(logger, MLFlowLogger):
             logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="eval")

@@ -18,14 +18,15 @@ judge is configured).
 Benchmark questions are asked as lmms-eval's VARGPT wrapper asks them (docs/evaluation.md): the task's prompt
 with ``<image>`` tokens (space-separated, one per visual) and a newline put first when it holds none
 (:func:`evaluation_context`), rendered as ONE string by the Vicuna v1 template with the system prompt (or the
-tokenizer's own chat template), image tokens expanded, encoded with BOS (``model.generate(...,
+tokenizer's own chat template), image tokens expanded, encoded with BOS (``vargpt.inference.generate(model, ...,
 prompt_format="evaluation")``). Generation is batched, KV-cached and left-padded, greedy by default, with the
 task's ``max_new_tokens`` and no stop string (the wrapper drops the tasks' ``until``); the answer is the reply
 after its last ``ASSISTANT:`` (:func:`extract_answer`), stripped. As in the wrapper, a prompt longer than the
 LLM's position limit is run, not refused; the rows whose prompt and answer exceed the limit are counted in
 ``over_position_limit``. A batch that raises is retried one item at a time; an item that still fails gets an
 empty prediction with an ``error`` field and is counted in ``errors``. The training-time callback
-(:mod:`vargpt.eval.callbacks`) asks its benchmark questions through the same :func:`answer_items`.
+(:mod:`vargpt.eval.callbacks`) and the shapes evaluation ask and draw through the same functions
+(:mod:`vargpt.eval.core`); the files are :mod:`vargpt.eval.predictions`, the benchmarks :mod:`vargpt.eval.benchmarks`.
 """
 
 from __future__ import annotations
@@ -33,303 +34,38 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 
-from vargpt.checkpoint.released import MODEL_CONFIG_FILE
-from vargpt.data.chat import SYSTEM_PROMPT
-from vargpt.eval.benchmarks import BENCHMARKS, BenchmarkItem, benchmark_fingerprint, get_spec, read_benchmark, score
-from vargpt.model.generation import GenerationOutput
+from vargpt.eval import shapes_eval as se
+from vargpt.eval.benchmarks import (
+    BENCHMARKS,
+    SHAPES,
+    benchmark_fingerprint,
+    get_benchmark,
+    headline,
+    read_benchmark,
+    score,
+)
+from vargpt.eval.core import BENCHMARK_QUESTIONS, CHAT_QUESTIONS, answer, draw, evaluation_prompt_settings
+from vargpt.eval.judge import ShapesJudge
+from vargpt.eval.predictions import PREDICTIONS, SCORES, append_records, check_run_file, read_predictions
+from vargpt.inference.loading import load_model, resolve_device
 from vargpt.model.sampling_config import SamplingConfig
-from vargpt.model.tokens import IMAGE_PLACEHOLDER
+from vargpt.training import tracking
 
 log = logging.getLogger(__name__)
 
-SHAPES = "shapes"
-PREDICTIONS = "predictions.jsonl"
-SCORES = "scores.json"
-RUN_FILE = "run.json"
-# The figures the table shows per benchmark (everything is in scores.json and MLflow).
-HEADLINE: dict[str, tuple[str, ...]] = {
-    "vqav2": ("accuracy",),
-    "gqa": ("accuracy",),
-    "textvqa": ("accuracy",),
-    "vizwiz": ("accuracy",),
-    "scienceqa_img": ("accuracy",),
-    "pope": ("adversarial/pope_accuracy", "pope_accuracy", "pope_f1_score", "predicted_yes_ratio"),
-    "mme": ("perception", "cognition"),
-    "mmbench": ("accuracy",),
-    "seedbench": ("image/accuracy", "all/accuracy"),
-    "mmmu": ("accuracy",),
-    SHAPES: ("vqa/accuracy", "t2i/both", "t2i/colour", "t2i/shape", "t2i/image_rate", "t2i/reply_objects",
-             "t2i/both_when_reply_right", "t2i/position", "t2i/position_objects", "t2i/position_chance",
-             "t2i/clip_matched", "t2i/clip_shuffled", "vqvae/psnr"),
-}  # fmt: skip
 # Counts the table shows under the headline figures whenever they are not 0.
 WARNING_COUNTS = ("errors", "over_position_limit")
-# The answer markers lmms-eval's LLaVA-style wrappers split the decoded output at, by chat template.
-ANSWER_MARKERS = ("ASSISTANT:", "<|assistant|>", "[/INST]")
-
-
-# ------------------------------------------------------------------------------------------------ model
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _world_tokenizer(cfg: DictConfig, out_dir: Path | None) -> Any:
-    """The shapes world's tokenizer when the world is built (``<paths.data_dir>/shapes/tokenizer``); else, with
-    an ``out_dir``, a throwaway one trained on a slice of the world's text (random models only), else None."""
-    from vargpt.data.shapes import split_counts, world_texts
-    from vargpt.data.tokenizer import load_tokenizer, train_world_tokenizer
-
-    world = Path(str(cfg.paths.data_dir)) / "shapes" / "tokenizer"
-    if world.is_dir():
-        log.info("tokenizer: the shapes world's, %s", world)
-        return load_tokenizer(world)
-    if out_dir is None:
-        return None
-    return train_world_tokenizer(world_texts(split_counts(400), seed=0), out_dir / "tokenizer", vocab_size=1000)
-
-
-def load_model(cfg: DictConfig, out_dir: Path) -> tuple[torch.nn.Module, str]:
-    """The model to evaluate and a description of it, from ``ckpt``:
-
-    * an exported / released folder (config and tokenizer inside), or a training run folder (its ``export/``);
-    * a checkpoint file (Lightning ``.ckpt``, ``.safetensors``, ``.pth``) of the ``model`` config, with
-      ``tokenizer``, ``model.tokenizer`` or the shapes world's tokenizer;
-    * null: the ``model`` config with random weights (smoke tests), with the world's tokenizer.
-    """
-    from vargpt.checkpoint import build_from_folder, load_weights
-    from vargpt.data.tokenizer import load_tokenizer
-    from vargpt.model.config import ModelConfig
-    from vargpt.model.vargpt import build_vargpt
-
-    ckpt = None if cfg.ckpt is None else Path(str(cfg.ckpt)).expanduser()
-    tokenizer = None if cfg.get("tokenizer") is None else load_tokenizer(cfg.tokenizer)
-    if ckpt is not None and ckpt.is_dir() and (ckpt / "export").is_dir():
-        ckpt = ckpt / "export"  # a training run folder
-    if ckpt is not None and ckpt.is_dir():
-        check_model_folder(ckpt)
-        model, _ = build_from_folder(ckpt)
-        model.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-        if model.tokenizer is None:
-            raise ValueError(f"ckpt={ckpt} holds no tokenizer: pass tokenizer=DIR")
-        return model, f"folder {ckpt}"
-    model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg.model))
-    if tokenizer is None and model_cfg.tokenizer:
-        tokenizer = load_tokenizer(model_cfg.tokenizer)
-    if ckpt is None:
-        tokenizer = tokenizer if tokenizer is not None else _world_tokenizer(cfg, out_dir)
-        torch.manual_seed(int(cfg.get("seed", 0)))  # the same random model every run (resumable smoke tests)
-        model = build_vargpt(model_cfg, tokenizer)
-        log.warning("ckpt=null: the %s model has random weights (a smoke test, not a real model)", model_cfg.name)
-        return model, f"random {model_cfg.name}"
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"ckpt={ckpt}: no such file or folder")
-    tokenizer = tokenizer if tokenizer is not None else _world_tokenizer(cfg, None)
-    if tokenizer is None:
-        raise ValueError(f"no tokenizer for ckpt={ckpt}: pass tokenizer=DIR or set model.tokenizer")
-    model = build_vargpt(model_cfg, tokenizer)
-    load_weights(model, ckpt, strict=True)
-    return model, f"{model_cfg.name} weights from {ckpt}"
-
-
-def check_model_folder(folder: Path) -> None:
-    """Refuse a ``ckpt`` folder that holds no model (no ``model_config.yaml``, no ``config.json``), naming the next
-    step: a training run folder whose export is missing (its training stopped before the export, or the export
-    was deleted), or an unknown folder."""
-    if (folder / MODEL_CONFIG_FILE).is_file() or (folder / "config.json").is_file():
-        return
-    if (folder / "checkpoints").is_dir():
-        checkpoints = sorted((folder / "checkpoints").glob("*.ckpt"), key=lambda path: path.stat().st_mtime)
-        files = f" (newest: {checkpoints[-1]})" if checkpoints else " (it holds no .ckpt file)"
-        raise FileNotFoundError(
-            f"ckpt={folder} is a training run folder without an export/ folder: its training has not finished "
-            f"exporting. Rerun the training command of this run to finish it (it writes {folder / 'export'}), or "
-            f"evaluate a checkpoint file of {folder / 'checkpoints'}{files} with ckpt=<that file> and the run's "
-            "model=<model config>"
-        )
-    raise FileNotFoundError(
-        f"ckpt={folder} is neither an exported or released model folder ({MODEL_CONFIG_FILE} or config.json) nor a "
-        "training run folder (export/): pass one of those, or a checkpoint file"
-    )
-
-
-# ------------------------------------------------------------------------------------------------ files
-def read_predictions(path: Path) -> list[dict[str, Any]]:
-    """The records of a predictions file; a last line cut short by an interrupted write is dropped (and cut
-    from the file, so appending continues cleanly). A broken line elsewhere is an error."""
-    if not path.is_file():
-        return []
-    lines = path.read_bytes().split(b"\n")
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise ValueError(f"{path}: line {i + 1} is not valid JSON; delete the file to start over") from None
-            log.warning("%s: dropping an incomplete last line (interrupted write)", path)
-    if lines[-1]:  # the file does not end with a newline: rewrite it from the complete records
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return records
-
-
-def append_records(path: Path, records: Iterable[Mapping[str, Any]]) -> int:
-    """Append records as JSON lines and flush; returns how many."""
-    n = 0
-    with path.open("a") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            n += 1
-        f.flush()
-    return n
-
-
-def _differences(previous: Mapping[str, Any], settings: Mapping[str, Any]) -> list[str]:
-    """One line per setting that differs: ``key: old -> new``; for the benchmark files, which ones changed."""
-    lines = []
-    for key in sorted(set(previous) | set(settings)):
-        old, new = previous.get(key), settings.get(key)
-        if old == new:
-            continue
-        if key == "files":  # {file: [size, mtime]}: name the files, not their numbers
-            old, new = old or {}, new or {}
-            changed = sorted(name for name in set(old) | set(new) if old.get(name) != new.get(name))
-            more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
-            lines.append(f"  files: added, removed or rewritten since: {', '.join(changed[:5])}{more}")
-        else:
-            lines.append(f"  {key}: {json.dumps(old)} -> {json.dumps(new)}")
-    return lines
-
-
-def check_run_file(folder: Path, settings: Mapping[str, Any]) -> None:
-    """Write ``run.json`` with what defines the predictions; refuse to resume predictions made otherwise.
-
-    Raises:
-        ValueError: the folder holds predictions and its ``run.json`` (or its absence) differs from ``settings``;
-            the message lists every difference and the two ways out.
-    """
-    path = folder / RUN_FILE
-    settings = json.loads(json.dumps(settings))  # normalise tuples etc.
-    if any(folder.glob("*.jsonl")):
-        previous = json.loads(path.read_text()) if path.is_file() else {}
-        if previous != settings:
-            raise ValueError(
-                f"{folder} holds predictions made with other settings ({path}):\n"
-                + "\n".join(_differences(previous, settings))
-                + f"\nThey are not resumed or scored. Use another out_dir (or run_name), or delete {folder} to "
-                "start this benchmark over."
-            )
-    folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2))
 
 
 # ------------------------------------------------------------------------------------------------ benchmarks
-def evaluation_context(item: BenchmarkItem) -> str:
-    """lmms-eval's context for the model (VARGPT wrapper): the task's prompt, with one ``<image>`` per visual,
-    space-separated, and a newline put first when the prompt holds no ``<image>`` (it never does in our ten
-    tasks; MMMU's ``<image 1>`` is not one)."""
-    if IMAGE_PLACEHOLDER in item.prompt:
-        return item.prompt
-    return " ".join([IMAGE_PLACEHOLDER] * len(item.images)) + "\n" + item.prompt
-
-
-def answer_marker(tokenizer: Any) -> str:
-    """The marker the wrapper splits its decoded output at: the first of :data:`ANSWER_MARKERS` in the chat
-    template in use (the tokenizer's, else the Vicuna template, which holds ``ASSISTANT:``)."""
-    template = getattr(tokenizer, "chat_template", None) or ""
-    return next((marker for marker in ANSWER_MARKERS if marker in template), ANSWER_MARKERS[0])
-
-
-def extract_answer(reply: str, marker: str) -> str:
-    """The wrapper's answer: the text after the last ``marker``, stripped. Its decoded output holds the prompt,
-    which ends with the marker, so a reply without one is kept whole."""
-    return reply.split(marker)[-1].strip()
-
-
-def evaluation_prompt_settings(model: Any) -> dict[str, Any]:
-    """The prompt settings :func:`answer_items` uses with this model's tokenizer (recorded in ``run.json``)."""
-    template = getattr(model.tokenizer, "chat_template", None)
-    return {
-        "format": "evaluation",
-        "template": template or "vicuna_v1",
-        "system": None if template else SYSTEM_PROMPT,
-        "answer_marker": answer_marker(model.tokenizer),
-        "past_max_positions": True,
-    }
-
-
-def answer_items(
-    model: Any, items: Sequence[BenchmarkItem], sampling: SamplingConfig, logits_processor: Any = None
-) -> list[GenerationOutput]:
-    """The model's replies to benchmark questions, asked as lmms-eval's VARGPT wrapper asks them (see the module
-    docstring); take the answers with :func:`extract_answer`."""
-    return model.generate(
-        [evaluation_context(item) for item in items],
-        [item.images for item in items],
-        sampling=sampling,
-        prompt_format="evaluation",
-        past_max_positions=True,
-        logits_processor=logits_processor,
-    )
-
-
-def benchmark_sampling(benchmark: str, base: Any = None, max_new_tokens: int | None = None) -> SamplingConfig:
-    """``base`` (greedy by default) with the benchmark's lmms-eval length (capped at ``max_new_tokens`` when
-    given), no stop string (the wrapper drops the tasks' ``until``) and no images."""
-    spec = get_spec(benchmark)
-    length = spec.max_new_tokens if max_new_tokens is None else min(spec.max_new_tokens, int(max_new_tokens))
-    return SamplingConfig.coerce(base, max_new_tokens=length, stop=[], max_images=0)
-
-
-def _answer_records(model: Any, items: Sequence[BenchmarkItem], sampling: SamplingConfig) -> list[dict[str, Any]]:
-    """Prediction records of a batch, with the prompt and answer lengths in tokens and whether they ran past the
-    LLM's position limit; item by item when the batch raises, an item that still raises gets an ``error``."""
-    try:
-        outputs = answer_items(model, items, sampling)
-    except ValueError as exc:
-        if len(items) > 1:
-            return [record for item in items for record in _answer_records(model, [item], sampling)]
-        log.warning("item %s failed: %s", items[0].id, exc)
-        return [{**items[0].record(""), "error": str(exc)}]
-    marker, limit = answer_marker(model.tokenizer), int(model.cfg.llm.max_position_embeddings)
-    records = []
-    for item, out in zip(items, outputs, strict=True):
-        prompt_tokens, answer_tokens = len(out.prompt_ids), len(out.token_ids)
-        records.append({
-            **item.record(extract_answer(out.text, marker)),
-            "prompt_tokens": prompt_tokens,
-            "answer_tokens": answer_tokens,
-            "over_position_limit": prompt_tokens + answer_tokens > limit,
-        })  # fmt: skip
-    return records
-
-
-def predict(
-    model: Any, items: Iterable[BenchmarkItem], sampling: SamplingConfig, batch_size: int, skip: set[str]
-) -> Iterator[list[dict[str, Any]]]:
-    """Prediction records, one list per batch, of the items not in ``skip``."""
-    batch: list[BenchmarkItem] = []
-    for item in items:
-        if item.id in skip:
-            continue
-        batch.append(item)
-        if len(batch) == batch_size:
-            yield _answer_records(model, batch, sampling)
-            batch = []
-    if batch:
-        yield _answer_records(model, batch, sampling)
-
-
 def run_benchmark(
     model: Any,
     benchmark: str,
@@ -351,7 +87,7 @@ def run_benchmark(
     """
     items = read_benchmark(benchmark, data_root, limit)  # checks files and columns now
     folder = out_dir / benchmark
-    cfg = benchmark_sampling(benchmark, sampling, max_new_tokens)
+    cfg = get_benchmark(benchmark).sampling(sampling, max_new_tokens)
     run = {
         **(settings or {}),
         "benchmark": benchmark,
@@ -367,7 +103,8 @@ def run_benchmark(
     if done:
         progress(f"{benchmark}: resuming after {len(done)} predictions in {path}")
     start, new = time.perf_counter(), 0
-    for records in predict(model, items, cfg, batch_size, done):
+    todo = (item for item in items if item.id not in done)
+    for records in answer(model, todo, BENCHMARK_QUESTIONS, cfg, batch_size, retry=True):
         new += append_records(path, records)
         progress(f"{benchmark}: {len(done) + new} answered")
     seconds = time.perf_counter() - start
@@ -402,11 +139,6 @@ def run_shapes(
 ) -> dict[str, float]:
     """The shapes world's held-out understanding and generation, resumable; returns ``vqa/...``, ``t2i/...`` and
     ``vqvae/psnr`` (recomputed each time: a second or two)."""
-    from PIL import Image
-
-    from vargpt.eval import shapes_eval as se
-    from vargpt.eval.judge import ShapesJudge
-
     c = se.ShapesEvalConfig.coerce(config)
     n_vqa, n_t2i = (c.vqa, c.t2i) if limit is None else (min(c.vqa, limit), min(c.t2i, limit))
     folder = out_dir / SHAPES
@@ -432,8 +164,8 @@ def run_shapes(
     items = se.vqa_items(n_vqa, c.seed, c.size)
     todo = [item for item in items if item.id not in done]
     start, answered = time.perf_counter(), n_vqa - len(todo)
-    for batch in se.batched(todo, batch_size):
-        answered += append_records(vqa_path, se.answer_vqa(model, batch, batch_size, c.vqa_max_new_tokens))
+    for records in answer(model, todo, CHAT_QUESTIONS, se.vqa_sampling(c.vqa_max_new_tokens), batch_size):
+        answered += append_records(vqa_path, records)
         progress(f"shapes VQA: {answered}/{n_vqa} answered")
     if todo:
         scores["vqa/questions_per_s"] = len(todo) / (time.perf_counter() - start)
@@ -450,9 +182,9 @@ def run_shapes(
         items = se.t2i_items(n_t2i, c.seed)
         todo = [item for item in items if item.id not in done]
         start, drawn, answered = time.perf_counter(), 0, n_t2i - len(todo)
-        for batch in se.batched(todo, batch_size):
+        for batch in draw(model, todo, t2i_sampling, batch_size, judge=judge, force_image=c.force_image):
             records = []
-            for record, image in se.draw_t2i(model, batch, judge, t2i_sampling, batch_size, c.force_image):
+            for record, image in batch:
                 if image is not None:
                     image.save(image_dir / f"{record['id']}.png")
                     record["image"] = f"images/{record['id']}.png"
@@ -496,7 +228,7 @@ def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
     0 (rows with an error, rows past the LLM's position limit)."""
     rows = [("benchmark", "metric", "value", "n")]
     for benchmark, scores in results.items():
-        for metric in HEADLINE.get(benchmark, ()):
+        for metric in headline(benchmark):
             if metric in scores:
                 # A shapes metric counts its own part (vqa/n, t2i/n); a benchmark has one n.
                 n = scores.get(f"{metric.split('/')[0]}/n", scores.get("n", float("nan")))
@@ -517,7 +249,7 @@ def _clip_judge(cfg: DictConfig) -> Any:
     if clip_cfg is None or clip_cfg.get("weights") is None:
         log.info("no CLIP judge configured (clip.weights=null): CLIP scores are skipped")
         return None
-    from vargpt.eval.clip_score import load_open_clip
+    from vargpt.eval.clip_score import load_open_clip  # lazy: open_clip is heavy, needed only with CLIP weights
 
     model_cfg = OmegaConf.to_container(clip_cfg.model_cfg, resolve=True) if clip_cfg.get("model_cfg") else None
     return load_open_clip(str(clip_cfg.arch), str(clip_cfg.weights), model_cfg)
@@ -525,8 +257,6 @@ def _clip_judge(cfg: DictConfig) -> Any:
 
 def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, dict[str, float]]:
     """``src/eval.py``: evaluate ``ckpt`` on ``benchmarks``, write files, log to MLflow, print the table."""
-    from vargpt.training import tracking
-
     names = benchmark_names(cfg.benchmarks)
     limit = None if cfg.limit is None else int(cfg.limit)
     for name in names:  # fail on missing files or columns before loading anything

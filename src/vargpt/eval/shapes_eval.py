@@ -6,7 +6,7 @@ Half of them use wordings and (shape, colour) combinations never seen in trainin
 ``unseen_combo``), reported separately.
 
 * VQA: the user turn of each held-out question (``<image>`` + question + the short-answer suffix) with its image
-  rendered at the world's size, answered greedily through ``model.generate`` (the shared chat template); right
+  rendered at the world's size, answered greedily through ``vargpt.inference.generate`` (the chat template); right
   when the VQA normaliser makes prediction and answer equal (``vargpt.eval.vqa.normalize_answer``).
 * Text-to-image: each held-out instruction, answered with the release's sampling defaults (the model writes
   its reply and starts the image itself unless ``force_image``); the image is judged by the validated
@@ -26,8 +26,9 @@ Half of them use wordings and (shape, colour) combinations never seen in trainin
 * Helpers for the pretrained backbones: VQ-VAE reconstruction PSNR on held-out images and the judge accuracy
   of a class-conditional VAR.
 
-Building blocks (items -> records -> scores) are shared by ``src/eval.py`` (which writes predictions files and
-resumes) and the training callbacks (which shard a small subset over ranks); :func:`evaluate_shapes` runs all
+Items and scores live here; the model answers and draws through :mod:`vargpt.eval.core` (``answer`` with
+``CHAT_QUESTIONS``, ``draw`` with a judge), the same functions ``src/eval.py`` (which writes predictions files and
+resumes) and the training callbacks (which shard a small subset over ranks) call; :func:`evaluate_shapes` runs all
 of it in memory and returns the figures.
 """
 
@@ -45,8 +46,8 @@ import torch
 from PIL import Image
 
 from vargpt.data.shapes import COLOURS, POSITIONS, SHAPES, Scene, describe, make_sample_spec, render_scene
-from vargpt.eval.judge import ShapesJudge, Verdict, get_judge
-from vargpt.eval.vqa import normalize_answer
+from vargpt.eval.core import CHAT_QUESTIONS, answer, batched, draw
+from vargpt.eval.judge import ShapesJudge, get_judge
 from vargpt.model.sampling_config import SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -128,31 +129,10 @@ def description(scene: Mapping[str, Any], requested: Sequence[str]) -> str:
     )
 
 
-def batched(items: Sequence[Any], batch_size: int) -> Iterator[Sequence[Any]]:
-    """Consecutive slices of at most ``batch_size`` items."""
-    for i in range(0, len(items), max(1, batch_size)):
-        yield items[i : i + max(1, batch_size)]
-
-
 # ------------------------------------------------------------------------------------------------ VQA
 def vqa_sampling(max_new_tokens: int = 16, base: SamplingConfig | Mapping[str, Any] | None = None) -> SamplingConfig:
     """Greedy short answers, no image allowed (a question never asks for one)."""
     return SamplingConfig.coerce(base, greedy=True, max_new_tokens=max_new_tokens, max_images=0)
-
-
-def answer_vqa(
-    model: Any, items: Sequence[ShapesItem], batch_size: int = 16, max_new_tokens: int = 16, **generate_kwargs: Any
-) -> Iterator[dict[str, Any]]:
-    """Predictions records of VQA items, batch by batch: ``prediction`` and ``correct`` (0 / 1)."""
-    sampling = vqa_sampling(max_new_tokens)
-    for batch in batched(items, batch_size):
-        outputs = model.generate(
-            [item.prompt for item in batch], [item.images for item in batch], sampling=sampling, **generate_kwargs
-        )
-        for item, out in zip(batch, outputs, strict=True):
-            prediction = out.text.strip()
-            correct = float(normalize_answer(prediction) == normalize_answer(item.answer or ""))
-            yield item.record(prediction=prediction, correct=correct)
 
 
 def _percent(values: Sequence[float]) -> float:
@@ -172,69 +152,6 @@ def score_vqa(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------------ text-to-image
-def draw_t2i(
-    model: Any,
-    items: Sequence[ShapesItem],
-    judge: ShapesJudge | None = None,
-    sampling: SamplingConfig | Mapping[str, Any] | None = None,
-    batch_size: int = 16,
-    force_image: bool = False,
-    **generate_kwargs: Any,
-) -> Iterator[tuple[dict[str, Any], Image.Image | None]]:
-    """(record, image or None) per instruction, batch by batch; records carry the reply text and the judge's
-    verdict (``colour``, ``shape``, ``both`` ... as 0 / 1) and ``has_image``.
-
-    ``sampling`` defaults to the release's (SamplingConfig defaults). Instruction ``i`` of the held-out split is
-    drawn with the seed ``sampling.seed + i`` whatever the batching, so a resumed run draws the same images.
-    """
-    judge = judge or get_judge(model.cfg.vqvae.image_size)
-    cfg = SamplingConfig.coerce(sampling)
-    if cfg.max_images < 1:
-        cfg = SamplingConfig.coerce(cfg, max_images=1)
-    for batch in batched(items, batch_size):
-        outputs = model.generate(
-            [item.prompt for item in batch],
-            sampling=cfg,
-            force_image=force_image,
-            seeds=[cfg.seed + item.index for item in batch],
-            **generate_kwargs,
-        )
-        for item, out in zip(batch, outputs, strict=True):
-            image = out.images[0] if out.images else None
-            matched: list[dict[str, str] | None] = [None] * len(item.scene["objects"])
-            if image is not None:
-                judged = judge.judge(image, item.scene, item.requested)
-                verdict, matched = judged.scores(), matched_attributes(judged)
-            else:  # no image: every judged attribute is wrong
-                verdict = dict.fromkeys(("colour", "shape", "both", "count"), 0.0)
-                verdict.update(
-                    dict.fromkeys((a for a in ("size", "position", "background") if a in item.requested), 0.0)
-                )
-            names = float(reply_names_objects(out.text, item.scene))
-            record = item.record(
-                reply=out.text,
-                seed=out.seed,
-                has_image=float(image is not None),
-                reply_objects=names,
-                matched=matched,
-                **verdict,
-            )
-            yield record, image
-
-
-def matched_attributes(verdict: Verdict) -> list[dict[str, str] | None]:
-    """Per asked object, the colour, shape, size and position of the drawn object it was judged on (JSON)."""
-    return [
-        None if obj is None else {"colour": obj.colour, "shape": obj.shape, "size": obj.size, "position": obj.position}
-        for obj in verdict.matched
-    ]
-
-
-def reply_names_objects(reply: str, scene: Mapping[str, Any]) -> bool:
-    """Whether the reply's text names every object of the scene as "<colour> <shape>"."""
-    return all(f"{obj['colour']} {obj['shape']}" in reply for obj in scene["objects"])
-
-
 def score_t2i(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Judge accuracies in percent (colour, shape, both, and size / position / background over the instructions
     that asked for them), the share of replies with an image, ``both`` on unseen wordings / combinations, the
@@ -314,7 +231,7 @@ def format_position_confusion(confusion: Mapping[str, Mapping[str, int]]) -> str
 def clip_figures(clip: Any, images: Sequence[Image.Image], texts: Sequence[str]) -> dict[str, float]:
     """CLIP score of images with their own texts (``clip_matched``) and with the next sample's text
     (``clip_shuffled``, a derangement), and their difference; empty with fewer than two images."""
-    from vargpt.eval.clip_score import clip_scores
+    from vargpt.eval.clip_score import clip_scores  # lazy: open_clip is heavy, needed only with a CLIP judge
 
     if len(images) < 2:
         return {}
@@ -370,15 +287,14 @@ def var_judge_accuracy(
     VQ-VAE and judged on the class's colour and shape; accuracies in percent."""
     classes = list(classes or world_classes())
     judge = judge or get_judge(vqvae.image_size)
-    device = next(var.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
     labels = [label for label in range(len(classes)) for _ in range(per_class)]
+    seeds = [seed + i for i in range(len(labels))]  # sample i's own generator: figures independent of batch_size
     hits: dict[str, list[float]] = defaultdict(list)
     was_training = var.training
     var.eval()
     try:
-        for batch in batched(labels, batch_size):
-            codes = var.sample(list(batch), cfg=cfg, top_k=top_k, top_p=top_p, generator=generator, vqvae=vqvae)
+        for batch, batch_seeds in zip(batched(labels, batch_size), batched(seeds, batch_size), strict=True):
+            codes = var.sample(list(batch), cfg=cfg, top_k=top_k, top_p=top_p, seeds=batch_seeds, vqvae=vqvae)
             images = ((vqvae.codes_to_img(codes).float() + 1) / 2).clamp(0, 1).cpu()
             for label, image in zip(batch, images, strict=True):
                 shape, colour = classes[label]
@@ -431,7 +347,9 @@ def evaluate_shapes(
         figures["vqvae/psnr"] = vqvae_psnr(model.vae_local, held_out_images(c.psnr, c.seed, c.size))
     if c.vqa > 0:
         start = time.perf_counter()
-        records = list(answer_vqa(model, vqa_items(c.vqa, c.seed, c.size), c.batch_size, c.vqa_max_new_tokens))
+        items = vqa_items(c.vqa, c.seed, c.size)
+        sampling_vqa = vqa_sampling(c.vqa_max_new_tokens)
+        records = [r for batch in answer(model, items, CHAT_QUESTIONS, sampling_vqa, c.batch_size) for r in batch]
         figures.update({f"vqa/{k}": v for k, v in score_vqa(records).items()})
         figures["vqa/questions_per_s"] = len(records) / (time.perf_counter() - start)
     if c.t2i > 0:
@@ -439,7 +357,8 @@ def evaluate_shapes(
         items = t2i_items(c.t2i, c.seed)
         cfg = SamplingConfig.coerce(sampling, max_new_tokens=c.t2i_max_new_tokens)
         start = time.perf_counter()
-        drawn = list(draw_t2i(model, items, judge, cfg, c.batch_size, c.force_image))
+        drawn = [pair for batch in draw(model, items, cfg, c.batch_size, judge=judge, force_image=c.force_image)
+                 for pair in batch]  # fmt: skip
         seconds = time.perf_counter() - start
         records = [record for record, _ in drawn]
         figures.update({f"t2i/{k}": v for k, v in score_t2i(records).items()})

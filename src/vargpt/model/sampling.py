@@ -1,11 +1,15 @@
-"""Token sampling for next-scale generation: top-k / top-p filtering and the classifier-free-guidance schedule.
+"""Token sampling for next-scale generation: top-k / top-p filtering, the per-sample code picker and the
+classifier-free-guidance schedule.
 
-Shared by the class-conditional VAR sampler (``var.VAR.sample``) and VARGPT's image generation, so both use
-VAR's exact rules (VARGPT-REFERENCE.md 2.3, 12.7, 12.8). Everything stays on the device: no ``.item()`` and
-no branching on tensor values, so a generation loop never waits for the GPU.
+Used by the one VAR scale step (``scale_step.ScaleSampler``: class-conditional ``VAR.sample`` and VARGPT's image
+generation) and by the text sampler of ``vargpt.inference.decoding``, so all use VAR's filtering rules
+(VARGPT-REFERENCE.md 2.3, 12.7, 12.8). Everything stays on the device: no ``.item()`` and no branching on tensor
+values, so a generation loop never waits for the GPU.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -46,22 +50,26 @@ def filter_top_k_top_p(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 
     return logits_BlV
 
 
-def sample_top_k_top_p(
-    logits_BlV: torch.Tensor,
-    top_k: int = 0,
-    top_p: float = 0.0,
-    generator: torch.Generator | None = None,
-    num_samples: int = 1,
-) -> torch.Tensor:
-    """Sample token ids from top-k / top-p filtered logits (VAR's ``sample_with_top_k_top_p_``).
+def inverse_cdf(probs_BlV: torch.Tensor, u_Bl: torch.Tensor) -> torch.Tensor:
+    """Draw one index per row from ``probs`` given uniforms in [0, 1): the first index whose cumulative mass
+    exceeds ``u`` times the total. Batched, with each row's uniforms from that row's own generator."""
+    cdf_BlV = probs_BlV.float().cumsum(-1)
+    target_Bl1 = u_Bl[..., None].to(cdf_BlV.dtype) * cdf_BlV[..., -1:]
+    return torch.searchsorted(cdf_BlV, target_Bl1, right=True).squeeze(-1).clamp_(max=probs_BlV.shape[-1] - 1)
 
-    Returns (B, l) int64 when ``num_samples == 1`` (the generation case), else (B, l, num_samples), drawn
-    with replacement. Unlike VAR the input logits are not modified in place, the softmax is taken in fp32
-    whatever the logits' dtype, and VAR's "negative num_samples means without replacement" is dropped.
+
+def pick_codes(
+    logits_BlV: torch.Tensor, top_k: int, top_p: float, generators: Sequence[torch.Generator]
+) -> torch.Tensor:
+    """One code per position of every sample (B, l): the argmax when ``top_k == 1``, else a draw from the top-k /
+    top-p filtered softmax by inverse CDF, sample ``i``'s l uniforms from ``generators[i]`` alone.
+
+    Per-sample generators make a sample's codes independent of the batch it is drawn in: a seeded batched call
+    gives the codes of one call per sample (VAR drew from one generator shared by the batch).
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    B, l, V = logits_BlV.shape
-    probs_NV = filter_top_k_top_p(logits_BlV.float(), top_k, top_p).softmax(dim=-1).view(-1, V)
-    idx_Bln = torch.multinomial(probs_NV, num_samples, replacement=True, generator=generator).view(B, l, num_samples)
-    return idx_Bln[..., 0] if num_samples == 1 else idx_Bln
+    if top_k == 1:
+        return logits_BlV.argmax(-1)
+    probs_BlV = filter_top_k_top_p(logits_BlV, top_k, top_p).softmax(-1)
+    l = logits_BlV.shape[1]
+    u_Bl = torch.stack([torch.rand(l, generator=g, device=logits_BlV.device) for g in generators])
+    return inverse_cdf(probs_BlV, u_Bl)

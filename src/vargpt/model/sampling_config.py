@@ -1,4 +1,4 @@
-"""How ``VARGPT.generate`` samples: the typed schema behind ``conf/sampling/*.yaml``.
+"""How ``vargpt.inference.generate`` samples: the typed schema behind ``conf/sampling/*.yaml``.
 
 One dataclass for text and images. The defaults reproduce the released VARGPT v1 inference
 (VARGPT-REFERENCE.md 2.3): greedy text, and for images classifier-free guidance 1.5 ramped over the scales

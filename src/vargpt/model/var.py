@@ -18,25 +18,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from typing import Protocol
 
 import torch
 from torch import nn
 
 from vargpt.model.config import ModelConfig
-from vargpt.model.sampling import cfg_ratio, sample_top_k_top_p
+from vargpt.model.sampling import cfg_ratio
+from vargpt.model.scale_step import NextInputVQVAE, ScaleSampler
 from vargpt.model.scales import VAR_PATCH_NUMS, ScaleSchedule
 from vargpt.model.var_blocks import AdaLNBeforeHead, AdaLNSelfAttn, VARKVCache
-
-
-class NextInputVQVAE(Protocol):
-    """What ``VAR.sample`` needs from the multi-scale VQ-VAE."""
-
-    def next_input(
-        self, k: int, f_hat: torch.Tensor | None, codes_Bl: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Add scale ``k``'s codes to ``f_hat`` (None before scale 0); return it and scale k+1's (B, l, Cvae) input."""
-        ...
 
 
 def _autocast_off(device: torch.device) -> AbstractContextManager:
@@ -224,7 +214,7 @@ class VAR(nn.Module):
         cfg: float = 1.5,
         top_k: int = 900,
         top_p: float = 0.96,
-        generator: torch.Generator | None = None,
+        seeds: Sequence[int] | None = None,
         cfg_schedule: str = "ramp",
         vqvae: NextInputVQVAE | None = None,
     ) -> list[torch.Tensor]:
@@ -233,27 +223,29 @@ class VAR(nn.Module):
         The batch is doubled: conditional rows, then the same number of null-class rows; per scale the logits
         are ``(1 + t) * cond - t * uncond`` with ``t = cfg_ratio(cfg, k, K, cfg_schedule)``. Decode the codes
         with the VQ-VAE (``codes_to_img``). Call in eval mode (DropPath is active in training mode). The scale
-        loop never reads a tensor value on the host. VAR returns the image and seeds its own generator from
-        ``g_seed``; here the caller passes a ``torch.Generator`` on the model's device.
+        loop never reads a tensor value on the host. VAR returns the image and draws every sample's codes from
+        one generator seeded with ``g_seed``; here sample i draws from its own generator seeded ``seeds[i]``
+        (default: i), as VARGPT's decoder does, so a batched call gives the codes of one call per sample.
         """
         vq = self.vqvae if vqvae is None else vqvae
         K = self.schedule.num_scales
         ratios = [cfg_ratio(cfg, k, K, cfg_schedule) for k in range(K)]  # validates cfg_schedule up front
-        label_B = torch.as_tensor(class_labels_B, dtype=torch.long, device=self.lvl_1L.device).view(-1)
+        device = self.lvl_1L.device
+        label_B = torch.as_tensor(class_labels_B, dtype=torch.long, device=device).view(-1)
         B = label_B.shape[0]
+        seeds = list(range(B)) if seeds is None else [int(seed) for seed in seeds]
+        if len(seeds) != B:
+            raise ValueError(f"got {len(seeds)} seeds for {B} class labels: pass one seed per sample")
+        generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+        sampler = ScaleSampler(self, vq, ratios, top_k, top_p, generators)
         cond_2BD = self.cond(torch.cat((label_B, torch.full_like(label_B, self.null_class))))
         x_2BlC = self.embed_first_scale(cond_2BD)
-        cache = VARKVCache()
-        f_hat: torch.Tensor | None = None
         codes: list[torch.Tensor] = []
-        for k, t in enumerate(ratios):
-            logits_2BlV = self.decode(x_2BlC, cond_2BD, attn_bias=None, cache=cache)
-            logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
-            codes_Bl = sample_top_k_top_p(logits_BlV, top_k=top_k, top_p=top_p, generator=generator)
-            codes.append(codes_Bl)
-            f_hat, next_BlCvae = vq.next_input(k, f_hat, codes_Bl)
-            if k + 1 < K:
-                x_2BlC = self.embed_scale(k + 1, next_BlCvae).repeat(2, 1, 1)
+        for k in range(K):
+            out = sampler.step(k, x_2BlC, cond_2BD)
+            codes.append(out.codes)
+            if out.next_x is not None:
+                x_2BlC = out.next_x.repeat(2, 1, 1)
         return codes
 
     # ------------------------------------------------------------------ initialisation

@@ -34,9 +34,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLI
 
 from vargpt.model.config import ImageLossReduction, ModelConfig
 from vargpt.model.projectors import GenProjector, UnderstandingProjector
-from vargpt.model.tokens import SpecialTokenIds
 from vargpt.model.var import var_from_config
 from vargpt.model.vqvae import vqvae_from_config
+from vargpt.tokens import SpecialTokenIds
 
 IGNORE_INDEX = -100
 # The batch key of a batch's BatchCounts.
@@ -85,7 +85,7 @@ class VARGPT(nn.Module):
         cfg.vqvae.validate()
         self.cfg = cfg
         self.ids = ids
-        # Kept for generate() (prompt building and decoding); not a module, not in the state dict.
+        # Kept for vargpt.inference.generate (prompt building and decoding); not a module, not in the state dict.
         self.tokenizer = tokenizer
         self.vision_tower = CLIPVisionTower(clip_vision_config(cfg))
         self.multi_modal_projector = UnderstandingProjector(
@@ -192,13 +192,6 @@ class VARGPT(nn.Module):
         x_BLC = self.image_gen_projector_out(hidden_NLH)
         bias = self.vargpt_gen.attn_bias_for_masking.to(x_BLC.dtype)
         return self.vargpt_gen.decode(x_BLC, cond_BD, attn_bias=bias)
-
-    # ------------------------------------------------------------------ inference
-    def generate(self, conversations: list[Any], images: list[Any] | None = None, sampling: Any = None, **kwargs: Any):
-        """Batched, KV-cached mixed-modal generation: see vargpt.model.generation.generate."""
-        from vargpt.model.generation import generate  # lazy: generation needs the data package's chat template
-
-        return generate(self, conversations, images=images, sampling=sampling, **kwargs)
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, Any]) -> VARGPTOutput:

@@ -37,12 +37,15 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.load import _METADATA_FILENAME
+from lightning.fabric.utilities.load import _METADATA_FILENAME, _load_distributed_checkpoint
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
-from vargpt.checkpoint.io import CheckpointFormatError, CorruptCheckpointError, load_torch_object
+from vargpt.checkpoint import load_weights
+from vargpt.checkpoint.io import CheckpointFormatError, CorruptCheckpointError, MemorySource, load_torch_object
+from vargpt.checkpoint.released import write_released_folder
+from vargpt.checkpoint.released_config import parse_dtype
 from vargpt.checkpoint.report import CheckpointMismatchError
 
 log = logging.getLogger(__name__)
@@ -162,6 +165,11 @@ class StageCheckpoint(ModelCheckpoint):
         self.preempted_at: int | None = None
         self._previous_handler: Any = None
 
+    @classmethod
+    def of(cls, c: Any, run_dir: Path) -> StageCheckpoint:
+        """From the ``callbacks.checkpoint`` section ``c``, saving under ``<run_dir>/checkpoints``."""
+        return cls(Path(run_dir) / "checkpoints", c.every_n_steps, c.keep_last)
+
     @property
     def last(self) -> Path:
         return Path(self.dirpath) / LAST
@@ -197,6 +205,23 @@ class StageCheckpoint(ModelCheckpoint):
 
 
 # --------------------------------------------------------------------------------------------- run state
+@dataclass(frozen=True)
+class StageRun:
+    """Which run of which stage this is, and where it writes: all the run-state and stage-record code reads."""
+
+    stage: str
+    run_name: str
+    # The run root (``paths.log_dir``): stage records and every stage's runs live under it.
+    log_dir: Path
+    # This run's folder (``paths.run_dir``).
+    run_dir: Path
+
+    @classmethod
+    def of(cls, cfg: Any) -> StageRun:
+        """From the composed root config (its stage name, run name and paths)."""
+        return cls(cfg.stage.name, cfg.run_name, Path(cfg.paths.log_dir), Path(cfg.paths.run_dir).resolve())
+
+
 @dataclass
 class RunState:
     """Where a run of a stage stands (``<run_dir>/run_state.json``), so the next stage can tell whether the newest
@@ -230,22 +255,22 @@ def mark_run(run_dir: Path, state: str, global_step: int | None = None) -> None:
     write_run_state(run_dir, current)
 
 
-def start_attempt(cfg: Any, run_dir: Path, overrides: list[str], global_step: int, max_steps: int) -> None:
+def start_attempt(run: StageRun, overrides: list[str], global_step: int, max_steps: int) -> None:
     """Record a new attempt of this run (state running, now the newest run of its stage)."""
     command = " ".join(["python src/train.py", *(shlex.quote(o) for o in overrides)])
-    state = RunState(cfg.stage.name, cfg.run_name, "running", global_step, max_steps, time.time(), command)
-    write_run_state(run_dir, state)
+    state = RunState(run.stage, run.run_name, "running", global_step, max_steps, time.time(), command)
+    write_run_state(run.run_dir, state)
 
 
-def missing_at_end(cfg: Any, run_dir: Path, exporting: bool) -> list[str]:
+def missing_at_end(run: StageRun, exporting: bool) -> list[str]:
     """What a run whose training is complete still lacks: "export", "stage record", "summary". Before its run
     state says finished, everything (an export folder may be half written; the record comes after it)."""
-    path = Path(run_dir) / RUN_STATE
+    path = run.run_dir / RUN_STATE
     finished = path.is_file() and json.loads(path.read_text())["state"] == "finished"
     have = {
-        "export": not exporting or (Path(run_dir) / "export").is_dir(),
-        "stage record": stage_record_path(cfg.paths.log_dir, cfg.stage.name).is_file(),
-        "summary": (Path(run_dir) / "summary.txt").is_file(),
+        "export": not exporting or (run.run_dir / "export").is_dir(),
+        "stage record": stage_record_path(run.log_dir, run.stage).is_file(),
+        "summary": (run.run_dir / "summary.txt").is_file(),
     }
     return [name for name, present in have.items() if not (finished and present)]
 
@@ -315,20 +340,20 @@ def write_stage_record(log_dir: str | Path, record: StageRecord) -> Path:
 
 
 def record_finished_stage(
-    cfg: Any, checkpoint: Path, export_dir: Path | None, run_id: str | None, global_step: int, run_dir: Path
+    run: StageRun, checkpoint: Path, export_dir: Path | None, run_id: str | None, global_step: int
 ) -> Path:
     """Write the stage record of a completed run (its final checkpoint is on disk) and mark the run finished."""
     record = StageRecord(
-        stage=cfg.stage.name,
-        run_name=cfg.run_name,
+        stage=run.stage,
+        run_name=run.run_name,
         checkpoint=str(checkpoint),
         export_dir=str(export_dir) if export_dir else None,
         mlflow_run_id=run_id,
         global_step=global_step,
         finished_at=now(),
     )
-    path = write_stage_record(cfg.paths.log_dir, record)
-    mark_run(run_dir, "finished", global_step)
+    path = write_stage_record(run.log_dir, record)
+    mark_run(run.run_dir, "finished", global_step)
     return path
 
 
@@ -382,14 +407,10 @@ def load_init_weights(model: nn.Module, path: str | Path) -> None:
     The training app loads strictly only: a mismatch names the keys and the command-line way to start from what
     fits (the API's ``strict=False`` has no config key).
     """
-    from vargpt.checkpoint import load_weights
-
     path = Path(path)
     log.info(f"initialising the model from {path}")
     source: Any = path
     if path.is_dir() and (path / ".metadata").is_file():
-        from lightning.fabric.utilities.load import _load_distributed_checkpoint
-
         source = _load_distributed_checkpoint(path)["state_dict"]
     try:
         load_weights(model, source, strict=True)
@@ -416,6 +437,7 @@ def _mismatch(err: CheckpointMismatchError, message: str) -> CheckpointMismatchE
 # --------------------------------------------------------------------------------------------- export
 def full_model_state(trainer: pl.Trainer, model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's full (unsharded) state dict on CPU; a collective under FSDP, complete on rank 0."""
+    # Here, not at the top: torch builds without distributed support lack it, and only FSDP runs need it.
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     if isinstance(trainer.strategy, pl.strategies.ModelParallelStrategy):
@@ -427,9 +449,6 @@ def full_model_state(trainer: pl.Trainer, model: nn.Module) -> dict[str, torch.T
 def export_model(state: dict[str, torch.Tensor], model: nn.Module, tokenizer: Any, out_dir: Path, dtype: str) -> Path:
     """Write the released VARGPT_LLaVA folder layout (safetensors, config.json with the special tokens, tokenizer,
     processor configs, our model_config.yaml) that the official code and ``vargpt.checkpoint`` load."""
-    from vargpt.checkpoint.io import MemorySource
-    from vargpt.checkpoint.released import parse_dtype, write_released_folder
-
     source = MemorySource(state, label="trained model")
     return write_released_folder(out_dir, source, model.cfg, model.ids, dtype=parse_dtype(dtype), tokenizer=tokenizer)
 
@@ -443,12 +462,12 @@ class StageExport(Callback):
     record for the next stage (in that order, so the record only ever names a complete run).
 
     Runs inside the training processes (the sharded state is gathered with a collective). A preempted run
-    exports nothing. ``finish`` is also what a rerun of a complete run calls (task.py), without a Trainer.
+    exports nothing. ``finish`` is also what a rerun of a complete run calls (vargpt_app.py), without a Trainer.
+    ``dtype``: ``callbacks.checkpoint.export`` (bf16, fp32, or none: no export).
     """
 
-    def __init__(self, end: StageCheckpoint, cfg: Any, tokenizer: Any, run_dir: Path) -> None:
-        self.end, self.cfg, self.tokenizer = end, cfg, tokenizer
-        self.run_dir = Path(run_dir)
+    def __init__(self, end: StageCheckpoint, dtype: str, tokenizer: Any, run: StageRun) -> None:
+        self.end, self.dtype, self.tokenizer, self.run = end, dtype, tokenizer, run
         self.export_dir: Path | None = None
         self.record_path: Path | None = None
 
@@ -456,7 +475,7 @@ class StageExport(Callback):
         if self.end.preempted_at is not None:
             return
         self.end.save_last_now(trainer)
-        exporting = self.cfg.callbacks.checkpoint.export != "none"
+        exporting = self.dtype != "none"
         state = full_model_state(trainer, pl_module.model) if exporting else None
         if trainer.is_global_zero:
             self.finish(pl_module.model, state, getattr(trainer.logger, "run_id", None), trainer.global_step)
@@ -464,6 +483,6 @@ class StageExport(Callback):
     def finish(self, model: nn.Module, state: dict[str, torch.Tensor] | None, run_id: str | None, step: int) -> None:
         """Export ``state`` (None: nothing to export) and write the stage record (rank 0)."""
         if state is not None:
-            out = self.run_dir / "export"
-            self.export_dir = export_model(state, model, self.tokenizer, out, self.cfg.callbacks.checkpoint.export)
-        self.record_path = record_finished_stage(self.cfg, self.end.last, self.export_dir, run_id, step, self.run_dir)
+            out = self.run.run_dir / "export"
+            self.export_dir = export_model(state, model, self.tokenizer, out, self.dtype)
+        self.record_path = record_finished_stage(self.run, self.end.last, self.export_dir, run_id, step)

@@ -31,9 +31,10 @@ def _wait_for(path: Path, timeout_s: float = 3600.0) -> None:
         time.sleep(2.0)
 
 
-def build_data(cfg: DictConfig) -> tuple[Any, VARGPTDataModule]:
-    """(tokenizer, data module) of a run: ``model.tokenizer`` if set, else the shapes world's own."""
-    datamodule = VARGPTDataModule.from_config(cfg.data, cfg.model)
+def build_data(data: DictConfig, model: DictConfig) -> tuple[Any, VARGPTDataModule]:
+    """(tokenizer, data module) of a run from its ``data`` and ``model`` sections: ``model.tokenizer`` if set,
+    else the shapes world's own."""
+    datamodule = VARGPTDataModule.from_config(data, model)
     shapes = datamodule.cfg.shapes
     if shapes is not None:
         world = resolve_path(shapes.dir, datamodule.cfg.root)
@@ -41,8 +42,8 @@ def build_data(cfg: DictConfig) -> tuple[Any, VARGPTDataModule]:
             datamodule.prepare_data()
         else:
             _wait_for(world / "manifest.json")
-    if cfg.model.tokenizer:
-        tokenizer = load_tokenizer(cfg.model.tokenizer)
+    if model.tokenizer:
+        tokenizer = load_tokenizer(model.tokenizer)
     elif shapes is not None:
         tokenizer = load_tokenizer(world / "tokenizer")
     else:

@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from vargpt.data.datamodule import VARGPTDataModule
-from vargpt.data.pipeline import TRAIN, VAL, StreamCounts
+from vargpt.data.stream_sources import TRAIN, VAL, StreamCounts
 
 log = logging.getLogger(__name__)
 

@@ -57,6 +57,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 IGNORE_INDEX = -100
 
@@ -372,8 +373,6 @@ class VARFlops:
 def measure_flops(fn: Any, *args: Any, **kwargs: Any) -> float:
     """FLOPs of ``fn(*args, **kwargs)`` from torch's FlopCounterMode (matmuls and convolutions; on a CPU it
     does not see fused attention kernels). Used for the convolutional VQ-VAE."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as counter:
         fn(*args, **kwargs)
     return float(counter.get_total_flops())

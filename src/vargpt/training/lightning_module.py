@@ -1,4 +1,4 @@
-"""The LightningModule around VARGPT, and the Lightning Trainer built from the typed trainer config.
+"""The LightningModule around VARGPT (the Lightning Trainer is vargpt.training.trainer's).
 
 The module holds no model-specific math: the model computes its losses; the stage (stage.py) decides what
 trains; optim.py builds the optimizer and schedule; parallel.py shards. What is here: the stage's weighting
@@ -26,9 +26,8 @@ from torch import nn
 
 from vargpt.model.vargpt import HOST_COUNTS, BatchCounts
 from vargpt.training.callbacks import is_log_step
-from vargpt.training.checkpointing import SafeCheckpointIO
-from vargpt.training.optim import accumulation_steps, build_scheduler, param_groups
-from vargpt.training.parallel import align_branches, apply_activation_checkpointing, build_strategy, shard_fsdp2
+from vargpt.training.optim import build_scheduler, param_groups
+from vargpt.training.parallel import align_branches, apply_activation_checkpointing, shard_fsdp2
 from vargpt.training.stage import apply_stage, set_frozen_eval
 
 # Frozen sub-modules are in eval mode on purpose (stage.py); Lightning warns about every such module.
@@ -231,45 +230,3 @@ def compile_blocks(blocks: list[nn.Module], mode: str) -> None:
     compiles in the time of one block, not of the model; ``module.compile()`` keeps parameter names)."""
     for block in blocks:
         block.compile(mode=mode)
-
-
-def build_trainer(cfg: DictConfig, max_steps: int, callbacks: list[pl.Callback], logger: Any) -> pl.Trainer:
-    """The Lightning Trainer of ``cfg.trainer`` for a stage of ``max_steps`` optimizer steps.
-
-    Gradient accumulation is set afterwards by ``set_accumulation``: it needs the world size, which the
-    Trainer resolves from devices and num_nodes.
-    """
-    t = cfg.trainer
-    validating = bool(t.val_every_n_steps)
-    return pl.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=build_strategy(t.strategy.value, t.find_unused_parameters, t.fsdp.save_distributed_checkpoint),
-        precision=t.precision,
-        max_steps=max_steps,
-        # Budgets are in samples (steps); the data module's "epochs" are only virtual stream lengths.
-        max_epochs=-1,
-        check_val_every_n_epoch=None if validating else 1,
-        limit_val_batches=t.limit_val_batches if validating else 0,
-        num_sanity_val_steps=t.num_sanity_val_steps,
-        log_every_n_steps=t.log_every_n_steps,
-        deterministic=t.deterministic,
-        enable_progress_bar=t.enable_progress_bar,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        logger=logger if logger is not None else False,
-        default_root_dir=cfg.paths.run_dir,
-        # Resume checkpoints are read like init_from's: weights_only, whatever the environment says.
-        plugins=[SafeCheckpointIO()],
-    )
-
-
-def set_accumulation(trainer: pl.Trainer, cfg: DictConfig, micro_batch_size: int) -> int:
-    """Derive gradient accumulation from the stage's global batch, the micro batch and the world size."""
-    accumulate = accumulation_steps(cfg.stage.global_batch_size, micro_batch_size, trainer.world_size)
-    trainer.accumulate_grad_batches = accumulate
-    if cfg.trainer.val_every_n_steps:
-        # Lightning counts validation intervals in micro batches.
-        trainer.val_check_interval = cfg.trainer.val_every_n_steps * accumulate
-    return accumulate

@@ -61,6 +61,7 @@ def build_strategy(name: str, find_unused_parameters: bool, save_distributed_che
 
 def apply_activation_checkpointing(units: list[nn.Module]) -> None:
     """Recompute each unit's activations in backward instead of storing them (non-reentrant, in place)."""
+    # Here, not at the top: torch builds without distributed support lack it.
     from torch.distributed._composable import checkpoint
 
     for unit in units:
@@ -75,6 +76,7 @@ def shard_fsdp2(
     reshard_after_forward: bool = True,
 ) -> None:
     """fully_shard every unit of ``model.fsdp_units()``, then the root (VQ-VAE replicated), in place."""
+    # Here, not at the top: torch builds without distributed support lack it.
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # Inputs stay as they are: the vision tower casts pixels to its own dtype, and the VQ-VAE must see fp32.

@@ -1,4 +1,6 @@
-"""Typed config of a stage-0 recipe (``stage.recipe`` in ``conf/stage/world_*.yaml``).
+"""Typed config of a stage-0 recipe (``stage.recipe`` in ``conf/stage/world_*.yaml``), trained by vargpt.backbones.
+
+A leaf module: the root schema (vargpt.config) composes it without importing the backbones package.
 
 A stage without a recipe is a VARGPT stage; with one, the same app trains a backbone instead: the VQ-VAE, the
 class-conditional VAR, the CLIP vision tower, the language model, or the CLIP-score judge.

@@ -22,6 +22,7 @@ from vargpt.checkpoint.io import (
     save_torch_state_dict,
     subset,
 )
+from vargpt.checkpoint.load import detect_kind
 from vargpt.checkpoint.match import DEFAULT_RULES, Target, plan_load
 from vargpt.checkpoint.released import (
     as_released,
@@ -29,13 +30,22 @@ from vargpt.checkpoint.released import (
     folder_special_ids,
     folder_tokenizer,
     folder_tokenizer_or_none,
-    read_config_json,
-    special_ids_conflicts,
     write_released_folder,
 )
+from vargpt.checkpoint.released_config import read_config_json, special_ids_conflicts
 from vargpt.checkpoint.report import LoadReport
-from vargpt.model.config import ModelConfig
-from vargpt.model.tokens import SpecialTokenIds
+from vargpt.checkpoint.var_io import (
+    VAR_HEADS,
+    VQVAE_HEADS,
+    _save,
+    is_vqvae_state,
+    unwrapped,
+    var_kwargs_from_checkpoint,
+)
+from vargpt.model.config import ModelConfig, load_model_config
+from vargpt.model.var import VAR
+from vargpt.model.vargpt import build_vargpt
+from vargpt.tokens import SpecialTokenIds
 
 log = logging.getLogger("vargpt.checkpoint")
 
@@ -45,7 +55,6 @@ def resolve_model(
 ) -> tuple[ModelConfig, SpecialTokenIds, Any]:
     """(ModelConfig, special ids, tokenizer or None) of a source: from ``config``/``tokenizer`` when given, else
     from the folder (``model_config.yaml`` or ``config.json``; its tokenizer)."""
-    from vargpt.model.config import load_model_config
 
     in_path = Path(in_path)
     folder = in_path if in_path.is_dir() else None
@@ -70,8 +79,6 @@ def check_source(
     in_path: str | Path, cfg: ModelConfig, ids: SpecialTokenIds, strict: bool = True
 ) -> tuple[TensorSource, LoadReport, Any]:
     """Open ``in_path`` under the released names and match it against a meta-device VARGPT of ``cfg``."""
-    from vargpt.model.vargpt import build_vargpt
-
     with torch.device("meta"):
         model = build_vargpt(cfg, ids)
     src, how = as_released(open_checkpoint(in_path))
@@ -142,9 +149,6 @@ def convert_to_part(
 ) -> LoadReport:
     """The VAR decoder (``part='var'``) or the VQ-VAE (``part='vqvae'``) of a whole-VARGPT checkpoint as a VAR-style
     state dict file (``.pth``, or ``.safetensors`` by suffix). A VAR/VQ-VAE checkpoint is re-written as is."""
-    from vargpt.checkpoint.load import detect_kind
-    from vargpt.checkpoint.var_io import VAR_HEADS, VQVAE_HEADS, unwrapped
-
     _refuse_overwrite(in_path, out_path)
     prefix = {"var": "vargpt_gen.", "vqvae": "vae_local."}[part]
     raw = open_checkpoint(in_path)
@@ -165,8 +169,6 @@ def convert_to_part(
     out_path = Path(out_path)
     state = {k: src[k] for k in src}
     if out_path.name.endswith(".safetensors"):
-        from vargpt.checkpoint.var_io import _save
-
         _save(state, out_path, dtype)
     else:
         save_torch_state_dict(state, out_path, dtype=dtype)
@@ -225,9 +227,6 @@ def _computed_values(model: Any) -> dict[str, torch.Tensor]:
 
 def _check_part(src: TensorSource, part: str, strict: bool) -> LoadReport:
     """Match a VAR part against a meta VAR of the size its own weights give; a VQ-VAE part is listed as is."""
-    from vargpt.checkpoint.var_io import is_vqvae_state, var_kwargs_from_checkpoint
-    from vargpt.model.var import VAR
-
     if part == "var":
         kwargs = var_kwargs_from_checkpoint(src)
         with torch.device("meta"):

@@ -3,6 +3,9 @@
 Strings and order follow the release (VARGPT-REFERENCE.md 1.3): LLaVA's ``<image>`` and ``<pad>``, then
 ``<|image_gen_start|>``, ``<|image_gen_end|>``, ``<|image_gen_pad|>`` added in that order (ids 32002-32004 in
 the released 7B tokenizer). Ids are always read from the tokenizer, never hard-coded.
+
+A leaf module (it imports nothing from the package): ``model/``, ``data/``, ``checkpoint/`` and ``inference/``
+all read the token ids here, so none of them has to import another for them.
 """
 
 from __future__ import annotations

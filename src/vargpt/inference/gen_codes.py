@@ -1,10 +1,13 @@
 """Precomputed VQ codes: re-write a shard source with every generation target's per-scale codes stored in it.
 
+Data preparation that runs a model (the VQ-VAE's encoder), so it lives here, above ``vargpt.model`` and
+``vargpt.data``, and not in the data package (which imports no model code).
+
 The frozen VQ-VAE turns each ``<image_gen>`` target into the same codes in every epoch (without random crop), so
 encoding them once moves the encoder out of the training step and image decoding out of the loader
 (``data.gen_codes=true`` then serves ``gen_codes``). :class:`GenCodesConverter` runs on the conversion driver of
-:mod:`vargpt.data.convert` (parallel parts, resume, idempotence, manifest): a part is one input shard, read in
-order; its generation images are decoded, transformed as evaluation does (resize to ``resize_ratio`` R, VAR's
+:mod:`vargpt.data.datasets_to_shards` (parallel parts, resume, idempotence, manifest): a part is one input shard, read
+in order; its generation images are decoded, transformed as evaluation does (resize to ``resize_ratio`` R, VAR's
 1.125 by default, and centre crop: ``var_transform(train=False)``) and encoded in batches; keys, records and the
 other images are kept as they are. The manifest's ``gen_codes`` block names the VQ-VAE the codes belong to
 (schedule, vocabulary, image size, sha256 of its weights) and the resize ratio, which the data module checks
@@ -26,7 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vargpt.data.convert import ConvertedSample, Converter, Part
+import torch
+
+from vargpt.checkpoint.load import load_weights
+from vargpt.checkpoint.released import folder_model_config
+from vargpt.data.datasets_to_shards import ConvertedSample, Converter, Part
 from vargpt.data.records import IMAGE_GEN, IMAGE_UNREADABLE, InvalidSampleError, placeholder_kinds
 from vargpt.data.shards import (
     GEN_CODES,
@@ -37,7 +44,9 @@ from vargpt.data.shards import (
     read_manifest,
     shard_list,
 )
-from vargpt.data.transforms import VAR_RESIZE_RATIO
+from vargpt.data.transforms import VAR_RESIZE_RATIO, decode_image, var_transform
+from vargpt.model.config import load_model_config
+from vargpt.model.vqvae import vqvae_from_config
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +55,6 @@ log = logging.getLogger(__name__)
 def load_vqvae(weights: str, model_config: str | None, device: str) -> Any:
     """The frozen VQ-VAE of ``weights`` (a VARGPT folder or checkpoint: its ``vae_local``; or a VQ-VAE file) built
     from ``model_config`` (a ``conf/model`` YAML; default: the folder's own config), in eval mode on ``device``."""
-    from vargpt.checkpoint.load import load_weights
-    from vargpt.checkpoint.released import folder_model_config
-    from vargpt.model.config import load_model_config
-    from vargpt.model.vqvae import vqvae_from_config
-
     if model_config is None and not Path(weights).is_dir():
         raise ValueError(f"{weights} is a file: pass the model config (--model-config conf/model/<name>.yaml)")
     cfg = load_model_config(model_config) if model_config else folder_model_config(weights)
@@ -63,8 +67,6 @@ def load_vqvae(weights: str, model_config: str | None, device: str) -> Any:
 @functools.cache
 def vqvae_identity(weights: str, model_config: str | None) -> dict[str, Any]:
     """What codes belong to: the VQ-VAE's schedule, vocabulary and image size, and the sha256 of its weights."""
-    import torch
-
     vqvae = load_vqvae(weights, model_config, "cpu")
     digest = hashlib.sha256()
     for key, tensor in sorted(vqvae.state_dict().items()):
@@ -136,10 +138,6 @@ class GenCodesConverter(Converter):
 
     def _encode(self, samples: list[dict[str, Any]]) -> list[Any]:
         """Each sample with the codes of its generation images (one VQ-VAE call for the lot), or its error."""
-        import torch
-
-        from vargpt.data.transforms import decode_image, var_transform
-
         vqvae = load_vqvae(self.weights, self.model_config, self.device)
         transform = var_transform(vqvae.image_size, train=False, resize_ratio=self.resize_ratio)
 
