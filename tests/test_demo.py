@@ -1,6 +1,6 @@
 """The whole demo (`make demo`: stages 1-3 from the committed backbones, then the shapes evaluation).
 
-Slow (about 11 minutes on 2 idle cores): run with ``pytest -m slow tests/test_demo.py``. It asserts issue 8's
+Slow (about 9 minutes on 2 idle cores): run with ``pytest -m slow tests/test_demo.py``. It asserts issue 8's
 VQ-VAE target (>= 30 dB) and the figures this commit's backbones reach for the rest (docs/backbones.md), not
 issue 8's other targets (VQA >= 90 %, text-to-image both right >= 70 %), which these backbones do not reach;
 raise the bounds as the backbones improve.

@@ -25,6 +25,8 @@ from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from vargpt.cli_config import EvalConfig, GenerateConfig, LoggerConfig, PathsConfig
@@ -318,8 +320,6 @@ def unknown_override_key(
     at that level (Hydra's own error names the key and the schema class, not the alternatives). ``root_groups``:
     the top-level names outside the schema that are config groups; None = take any unknown top-level name for one
     (training's experiment, local...)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
 
     try:  # flags and their values (--cfg job) are not overrides; Hydra reports malformed ones itself
         overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])

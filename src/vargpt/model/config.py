@@ -20,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 
 def register_resolvers() -> None:
     """Register ``${vargpt_repo:}`` with OmegaConf (idempotent)."""
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf  # here: the model package imports without omegaconf (the GPU image lacks it)
 
     if not OmegaConf.has_resolver("vargpt_repo"):
         OmegaConf.register_new_resolver("vargpt_repo", lambda: str(REPO_ROOT))
@@ -153,7 +153,7 @@ class ModelConfig:
 
 def load_model_config(path: str | Path, overrides: list[str] | None = None) -> ModelConfig:
     """Read a ``conf/model/*.yaml`` file into a validated ModelConfig (outside Hydra: notebooks, tools, tests)."""
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf  # here: the model package imports without omegaconf (the GPU image lacks it)
 
     register_resolvers()
     schema = OmegaConf.structured(ModelConfig)
