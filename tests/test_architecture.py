@@ -91,7 +91,7 @@ def test_the_package_graph_has_no_cycle():
 LAYERS = {
     "tokens": {"model", "data", "checkpoint", "inference", "training", "eval", "backbones"},
     "model": {"data", "inference", "training", "eval", "backbones"},
-    "data": {"inference", "training", "eval", "backbones"},
+    "data": {"model", "checkpoint", "inference", "training", "eval", "backbones"},
     "inference": {"training", "eval", "backbones"},
     "training": {"backbones", "eval"},
 }

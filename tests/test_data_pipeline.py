@@ -39,7 +39,7 @@ from vargpt.data.shards import (
 )
 from vargpt.data.stream_sources import BadSourceError, SkipCounter, StreamCounts, check_bad_rate, load_sources
 from vargpt.data.transforms import var_transform
-from vargpt.model.config import register_resolvers
+from vargpt.model.config import load_model_config, register_resolvers
 from vargpt.tokens import SpecialTokenIds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def ids_of(batch) -> tuple[str, ...]:
 
 def check_batch_contract(batch, dm: VARGPTDataModule) -> None:
     ids = SpecialTokenIds.from_tokenizer(dm.tokenizer)
-    vision, vqvae = dm.model_cfg.vision, dm.model_cfg.vqvae
+    model = dm.model
     x, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     assert x.dtype == mask.dtype == labels.dtype == torch.long and x.shape == mask.shape == labels.shape
     assert x.shape[1] % 8 == 0
@@ -82,15 +82,15 @@ def check_batch_contract(batch, dm: VARGPTDataModule) -> None:
     assert torch.all(mask[:, :-1] >= mask[:, 1:])
     n_und = 0 if batch["pixel_values"] is None else batch["pixel_values"].shape[0]
     n_gen = 0 if batch["pixel_gen_values"] is None else batch["pixel_gen_values"].shape[0]
-    assert (x == ids.image).sum() == n_und * vision.num_image_tokens
+    assert (x == ids.image).sum() == n_und * model.num_image_tokens
     assert (x == ids.gen_start).sum() == (x == ids.gen_end).sum() == n_gen
-    assert (x == ids.gen_pad).sum() == n_gen * vqvae.schedule.num_tokens
+    assert (x == ids.gen_pad).sum() == n_gen * model.num_gen_tokens
     assert torch.all(labels[(x == ids.gen_pad) | (x == ids.image)] == -100)
     if n_und:
-        assert batch["pixel_values"].shape[1:] == (3, vision.image_size, vision.image_size)
+        assert batch["pixel_values"].shape[1:] == (3, model.image_size, model.image_size)
     if n_gen:
         gen = batch["pixel_gen_values"]
-        assert gen.shape[1:] == (3, vqvae.image_size, vqvae.image_size) and gen.min() >= -1 and gen.max() <= 1
+        assert gen.shape[1:] == (3, model.gen_image_size, model.gen_image_size) and gen.min() >= -1 and gen.max() <= 1
     assert len(batch["meta"]) == x.shape[0]
 
 
@@ -308,7 +308,7 @@ def test_data_configs_validate_and_the_default_builds_its_world(tmp_path):
     data = root.data
     data.shapes.train, data.shapes.val, data.shapes.num_workers = 40, 16, 1
     data.num_workers, data.micro_batch_size, data.samples_per_epoch = 0, 4, 8
-    dm = VARGPTDataModule.from_config(data, OmegaConf.load(REPO / "conf/model/tiny.yaml"))
+    dm = VARGPTDataModule.from_config(data, load_model_config(REPO / "conf/model/tiny.yaml"))
     dm.prepare_data()
     assert (tmp_path / "shapes" / "manifest.json").is_file()
     dm.setup("fit")

@@ -13,7 +13,7 @@ from fixtures.data import TINY_MODEL, image_bytes, world_tokenizer
 from omegaconf import OmegaConf
 from PIL import Image
 
-from vargpt.data.config import DataConfig, check_data_config
+from vargpt.data.config import DataConfig, ModelInputs, check_data_config
 from vargpt.data.datamodule import VARGPTDataModule
 from vargpt.data.transforms import (
     CapPixels,
@@ -104,11 +104,11 @@ def test_data_config_und_max_pixels_default_check_and_data_module():
         check_data_config(DataConfig(und_max_pixels=-5))
     img = noise_image(200, 100)  # 20000 pixels
     for train in (True, False):  # LLaMA-Factory's evaluation split goes through the same plugin
-        dm = VARGPTDataModule(DataConfig(und_max_pixels=5000), TINY_MODEL, world_tokenizer())
+        dm = VARGPTDataModule(DataConfig(und_max_pixels=5000), ModelInputs.of(TINY_MODEL), world_tokenizer())
         x = dm._processor(train=train).und_transform(img)
         assert torch.equal(x, processed(TINY_SIZE, CapPixels(5000)(img)))
         assert not torch.equal(x, processed(TINY_SIZE, img))
-    dm = VARGPTDataModule(DataConfig(und_max_pixels=None), TINY_MODEL, world_tokenizer())
+    dm = VARGPTDataModule(DataConfig(und_max_pixels=None), ModelInputs.of(TINY_MODEL), world_tokenizer())
     assert torch.equal(dm._processor(train=True).und_transform(img), processed(TINY_SIZE, img))
 
 

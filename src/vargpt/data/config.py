@@ -123,6 +123,45 @@ class DataConfig:
     bad_sample_min_samples: int = 1000
 
 
+@dataclass(frozen=True)
+class ModelInputs:
+    """What the data pipeline must know of the model: its tokenizer folder, the understanding images' token count
+    and preprocessing, and the generation targets' size and VQ schedule. Read off a model config with
+    :meth:`of`, so that ``data/`` needs nothing from ``model/`` but the token ids."""
+
+    tokenizer: str | None
+    num_image_tokens: int  # tokens per <image> block
+    image_size: int  # the vision tower's input side
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    gen_image_size: int  # side R of a generation target
+    patch_nums: tuple[int, ...]  # the VQ-VAE's scales
+    gen_vocab_size: int  # the VQ codebook's size
+
+    @property
+    def num_gen_tokens(self) -> int:
+        """Pad tokens per <image_gen> block: L = sum of the scales' patch counts."""
+        return sum(p * p for p in self.patch_nums)
+
+    @classmethod
+    def of(cls, model: Any) -> ModelInputs:
+        """From a typed model config (``vargpt.model.config.ModelConfig`` or any object with its ``tokenizer``,
+        ``vision`` and ``vqvae`` fields); a ModelInputs is returned as it is."""
+        if isinstance(model, ModelInputs):
+            return model
+        vision, vqvae = model.vision, model.vqvae
+        return cls(
+            tokenizer=model.tokenizer,
+            num_image_tokens=vision.num_image_tokens,
+            image_size=vision.image_size,
+            image_mean=tuple(vision.image_mean),
+            image_std=tuple(vision.image_std),
+            gen_image_size=vqvae.image_size,
+            patch_nums=tuple(vqvae.patch_nums),
+            gen_vocab_size=vqvae.vocab_size,
+        )
+
+
 def check_data_config(cfg: DataConfig | Any, key: str = "data") -> None:
     """Ranges the types cannot express (``cfg``: a DataConfig or its DictConfig); raises naming the key."""
     if not 0.0 <= cfg.max_bad_sample_rate <= 1.0:

@@ -1,7 +1,8 @@
 """The LightningDataModule: a data config plus the model's facts -> training and evaluation loaders.
 
 Build it with :meth:`VARGPTDataModule.from_config` (``data_cfg``: ``conf/data/*.yaml`` as a ``DataConfig`` or a
-DictConfig; ``model_cfg``: a ``ModelConfig``, which gives the image-token counts and image sizes). It builds the
+DictConfig; ``model``: a ``ModelInputs`` or a typed model config it is read from, which gives the image-token
+counts and image sizes). It builds the
 shapes world when the config asks for it and it is missing (``prepare_data``), streams batches built in the
 workers, and saves the training stream's position in checkpoints: ``state_dict`` holds every rank's worker
 positions (gathered when torch.distributed runs) and ``load_state_dict`` resumes exactly when the epoch,
@@ -34,14 +35,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from vargpt.data.collate import Collator
-from vargpt.data.config import DataConfig, SourceConfig, check_data_config, resolve_path
+from vargpt.data.config import DataConfig, ModelInputs, SourceConfig, check_data_config, resolve_path
 from vargpt.data.pipeline import EvalStream, SampleProcessor, TrainStream
 from vargpt.data.shapes import ensure_shapes_world
 from vargpt.data.shards import GEN_CODES, read_manifest
 from vargpt.data.stream_sources import TRAIN, VAL, StreamCounts, check_bad_rate, load_sources
 from vargpt.data.tokenizer import load_tokenizer
 from vargpt.data.transforms import VAR_RESIZE_RATIO, clip_transform, var_transform
-from vargpt.model.config import ModelConfig
 from vargpt.tokens import SpecialTokenIds
 
 log = logging.getLogger(__name__)
@@ -77,11 +77,11 @@ class _EpochLoader(DataLoader):
 class VARGPTDataModule(LightningDataModule):
     """Training and evaluation streams of one data config (see the module docstring)."""
 
-    def __init__(self, cfg: DataConfig, model_cfg: ModelConfig, tokenizer: Any = None) -> None:
+    def __init__(self, cfg: DataConfig, model: ModelInputs, tokenizer: Any = None) -> None:
         super().__init__()
         check_data_config(cfg)
         self.cfg = cfg
-        self.model_cfg = model_cfg
+        self.model = model
         self.tokenizer = tokenizer
         self.train_stream: TrainStream | None = None
         self.val_stream: EvalStream | None = None
@@ -98,12 +98,11 @@ class VARGPTDataModule(LightningDataModule):
         self._pending: dict[str, Any] | None = None
 
     @classmethod
-    def from_config(
-        cls, data_cfg: DataConfig | DictConfig, model_cfg: ModelConfig | DictConfig, tokenizer: Any = None
-    ) -> VARGPTDataModule:
-        """Build from the Hydra configs. ``tokenizer`` = None loads ``model_cfg.tokenizer`` (a local folder),
+    def from_config(cls, data_cfg: DataConfig | DictConfig, model: Any, tokenizer: Any = None) -> VARGPTDataModule:
+        """Build from the data config and the model's facts (a ``ModelInputs``, or a typed model config such as
+        ``vargpt.model.config.ModelConfig``). ``tokenizer`` = None loads ``model.tokenizer`` (a local folder),
         or the shapes world's own tokenizer when the data config has a shapes world."""
-        return cls(_to_object(data_cfg, DataConfig), _to_object(model_cfg, ModelConfig), tokenizer)
+        return cls(_to_object(data_cfg, DataConfig), ModelInputs.of(model), tokenizer)
 
     # -------------------------------------------------------------------------------------------- set-up
     def prepare_data(self) -> None:
@@ -119,8 +118,8 @@ class VARGPTDataModule(LightningDataModule):
             )
 
     def _load_tokenizer(self) -> Any:
-        if self.model_cfg.tokenizer:
-            return load_tokenizer(self.model_cfg.tokenizer)
+        if self.model.tokenizer:
+            return load_tokenizer(self.model.tokenizer)
         if self.cfg.shapes is not None:
             return load_tokenizer(resolve_path(self.cfg.shapes.dir, self.cfg.root) / "tokenizer")
         raise ValueError("no tokenizer: pass one, or set model.tokenizer to the LLM checkpoint's local folder")
@@ -133,19 +132,17 @@ class VARGPTDataModule(LightningDataModule):
         return 0, 1
 
     def _processor(self, train: bool) -> SampleProcessor:
-        vision, vqvae = self.model_cfg.vision, self.model_cfg.vqvae
+        model = self.model
         return SampleProcessor(
             tokenizer=self.tokenizer,
             ids=SpecialTokenIds.from_tokenizer(self.tokenizer),
-            num_image_tokens=vision.num_image_tokens,
-            num_gen_tokens=vqvae.schedule.num_tokens,
+            num_image_tokens=model.num_image_tokens,
+            num_gen_tokens=model.num_gen_tokens,
             cutoff_len=self.cfg.cutoff_len,
             # The release's training data path caps every image before CLIP (its evaluation split too).
-            und_transform=clip_transform(
-                vision.image_size, tuple(vision.image_mean), tuple(vision.image_std), self.cfg.und_max_pixels
-            ),
+            und_transform=clip_transform(model.image_size, model.image_mean, model.image_std, self.cfg.und_max_pixels),
             gen_transform=var_transform(
-                vqvae.image_size, train=train and self.cfg.gen_random_crop, resize_ratio=self.cfg.gen_resize_ratio
+                model.gen_image_size, train=train and self.cfg.gen_random_crop, resize_ratio=self.cfg.gen_resize_ratio
             ),
             gen_codes=self.cfg.gen_codes,
         )
@@ -154,11 +151,10 @@ class VARGPTDataModule(LightningDataModule):
         """With ``data.gen_codes``: the sources' codes must be of the model's VQ-VAE schedule and vocabulary and of
         targets resized by ``data.gen_resize_ratio``; a source without codes is named (its generation samples, if
         any, will be skipped as codes_missing)."""
-        vq = self.model_cfg.vqvae
         expected = {
-            "patch_nums": list(vq.patch_nums),
-            "vocab_size": vq.vocab_size,
-            "image_size": vq.image_size,
+            "patch_nums": list(self.model.patch_nums),
+            "vocab_size": self.model.gen_vocab_size,
+            "image_size": self.model.gen_image_size,
             "resize_ratio": self.cfg.gen_resize_ratio,
         }
         for name, source in sources.items():

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vargpt.data.config import resolve_path
 from vargpt.data.datamodule import VARGPTDataModule
@@ -34,7 +34,7 @@ def _wait_for(path: Path, timeout_s: float = 3600.0) -> None:
 def build_data(data: DictConfig, model: DictConfig) -> tuple[Any, VARGPTDataModule]:
     """(tokenizer, data module) of a run from its ``data`` and ``model`` sections: ``model.tokenizer`` if set,
     else the shapes world's own."""
-    datamodule = VARGPTDataModule.from_config(data, model)
+    datamodule = VARGPTDataModule.from_config(data, OmegaConf.to_object(model))
     shapes = datamodule.cfg.shapes
     if shapes is not None:
         world = resolve_path(shapes.dir, datamodule.cfg.root)
