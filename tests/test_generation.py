@@ -450,6 +450,16 @@ def test_bad_inputs_give_clear_errors(model):
         generate(model, "<image> What colour is it?")
     with pytest.raises(ValueError, match=f"\\(3, {S}, {S}\\)"):
         generate(model, "<image> What colour?", images=[torch.zeros(3, S + 1, S)])
+    R = model.cfg.vqvae.image_size
+    earlier = [
+        {"role": "user", "content": "Draw a circle."},
+        {"role": "assistant", "content": "Here.<image_gen>"},
+        {"role": "user", "content": "Again."},
+    ]
+    with pytest.raises(
+        ValueError, match=f"'<image_gen>' image tensor must be float \\(3, {R}, {R}\\).*got \\(3, {R + 1}"
+    ):
+        generate(model, [earlier], images=[[torch.zeros(3, R + 1, R)]])
     with pytest.raises(ValueError, match="mode is 'L'"):
         generate(model, "<image> What colour?", images=[Image.new("L", (S, S))])
     with pytest.raises(ValueError, match="empty"):

@@ -196,19 +196,27 @@ def _load_pil(img: Any, where: str) -> Any:
     raise TypeError(f"{where}: expected a PIL image, a file path or a tensor, got {type(img).__name__}")
 
 
+def _checked_tensor(img: torch.Tensor, side: int, what: str) -> torch.Tensor:
+    """An image given as a tensor, (3, side, side) or (1, 3, side, side) float, as fp32 (3, side, side);
+    ``what`` is the error's text, formatted with ``shape`` (what was given)."""
+    if img.dim() == 4 and img.shape[0] == 1:
+        img = img[0]
+    if tuple(img.shape) != (3, side, side) or not img.is_floating_point():
+        raise ValueError(what.format(shape=f"{tuple(img.shape)} {img.dtype}"))
+    return img.float()
+
+
 def _understanding_pixels(model: nn.Module, img: Any, where: str) -> torch.Tensor:
     """An ``<image>`` input as (3, S, S) CLIP-normalised pixels (a tensor is checked, not transformed)."""
     v = model.cfg.vision
     S = v.image_size
     if isinstance(img, torch.Tensor):
-        if img.dim() == 4 and img.shape[0] == 1:
-            img = img[0]
-        if tuple(img.shape) != (3, S, S) or not img.is_floating_point():
-            raise ValueError(
-                f"{where}: an input image tensor must be float (3, {S}, {S}), CLIP-normalised (got "
-                f"{tuple(img.shape)} {img.dtype}); pass a PIL image to have it resized and normalised"
-            )
-        return img.float()
+        return _checked_tensor(
+            img,
+            S,
+            f"{where}: an input image tensor must be float (3, {S}, {S}), CLIP-normalised (got {{shape}}); pass a "
+            "PIL image to have it resized and normalised",
+        )
     return clip_transform(S, tuple(v.image_mean), tuple(v.image_std))(_load_pil(img, where))
 
 
@@ -216,14 +224,9 @@ def _generated_pixels(model: nn.Module, img: Any, where: str) -> torch.Tensor:
     """An earlier ``<image_gen>`` image as (3, R, R) pixels in [-1, 1] (a tensor is checked, not transformed)."""
     R = model.cfg.vqvae.image_size
     if isinstance(img, torch.Tensor):
-        if img.dim() == 4 and img.shape[0] == 1:
-            img = img[0]
-        if tuple(img.shape) != (3, R, R) or not img.is_floating_point():
-            raise ValueError(
-                f"{where}: an '<image_gen>' image tensor must be float (3, {R}, {R}) in [-1, 1] (got "
-                f"{tuple(img.shape)} {img.dtype})"
-            )
-        return img.float()
+        return _checked_tensor(
+            img, R, f"{where}: an '<image_gen>' image tensor must be float (3, {R}, {R}) in [-1, 1] (got {{shape}})"
+        )
     return var_transform(R, train=False)(_load_pil(img, where))
 
 
