@@ -89,11 +89,12 @@ def test_the_package_graph_has_no_cycle():
 
 # Each layer and the packages above it that it must never import (function-local imports included).
 LAYERS = {
-    "tokens": {"model", "data", "checkpoint", "inference", "training", "eval", "backbones"},
-    "model": {"data", "inference", "training", "eval", "backbones"},
-    "data": {"model", "checkpoint", "inference", "training", "eval", "backbones"},
-    "inference": {"training", "eval", "backbones"},
-    "training": {"backbones", "eval"},
+    "tokens": {"model", "data", "checkpoint", "inference", "training", "eval", "backbones", "preference"},
+    "model": {"data", "inference", "training", "eval", "backbones", "preference"},
+    "data": {"model", "checkpoint", "inference", "training", "eval", "backbones", "preference"},
+    "inference": {"training", "eval", "backbones", "preference"},
+    "training": {"backbones", "eval", "preference"},
+    "eval": {"preference"},
 }
 
 

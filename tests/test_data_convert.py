@@ -320,6 +320,7 @@ def test_imagenet_parquet_index_and_extraction(tmp_path):
     [
         "llava_to_shards",
         "sharegpt_to_shards",
+        "preference_to_shards",
         "onevision_to_shards",
         "imagenet_parquet_index",
         "make_shapes",
@@ -416,7 +417,7 @@ def test_onevision_converter_refuses_input_that_gives_no_source(tmp_path, capsys
     assert not (out / "manifest.json").exists()
 
 
-@pytest.mark.parametrize("script", ["llava_to_shards", "sharegpt_to_shards"])
+@pytest.mark.parametrize("script", ["llava_to_shards", "sharegpt_to_shards", "preference_to_shards"])
 def test_annotation_scripts_exit_1_with_one_line_on_an_empty_file(tmp_path, script):
     (tmp_path / "empty.json").write_bytes(b"")
     args = ["--annotations", tmp_path / "empty.json", "--image-root", tmp_path, "--out", tmp_path / "out"]

@@ -34,7 +34,7 @@ from vargpt.data.config import DataConfig, check_data_config
 from vargpt.model.config import ModelConfig, register_resolvers
 from vargpt.recipe_config import RecipeConfig
 
-STAGE_NAMES = ("pretrain", "sft_mixed", "sft_gen")
+STAGE_NAMES = ("pretrain", "sft_mixed", "sft_gen", "dpo_gen")
 # The embedded default's stage-0 stages (conf/stage/world_*.yaml): backbones made by the project's recipes.
 WORLD_STAGE_NAMES = (
     "world_vqvae", "world_var", "world_vision", "world_lm", "world_clip", "world_llava_align", "world_llava_sft",
@@ -94,6 +94,44 @@ class LossWeights:
     image: float = 1.0
 
 
+class PreferenceLossType(Enum):
+    """The preference losses of VARGPT-v1.1's LLaMA-Factory fork (vargpt.training.preference)."""
+
+    sigmoid = "sigmoid"  # DPO
+    ipo = "ipo"
+    orpo = "orpo"  # no reference model
+    simpo = "simpo"  # no reference model
+
+
+class PreferenceReference(Enum):
+    """Where the reference model's log-probabilities come from."""
+
+    precomputed = "precomputed"  # stored in the shards once (python -m vargpt.preference.reference_logps)
+    frozen_copy = "frozen_copy"  # a frozen copy of the starting model, run beside the policy
+
+
+class PreferenceTarget(Enum):
+    """What the log-probabilities sum over in the chosen and rejected replies."""
+
+    image = "image"  # the VQ codes at the generation slots (VARGPT-v1.1's image DPO)
+    text = "text"  # the reply's labelled text tokens (LLaMA-Factory's text DPO)
+
+
+@dataclass
+class PreferenceConfig:
+    """A preference stage (``stage=dpo_gen``): LLaMA-Factory's DPO settings, its defaults
+    (``pref_beta`` 0.1, ``pref_ftx`` 0, ``simpo_gamma`` 0.5, ``dpo_label_smoothing`` 0)."""
+
+    loss_type: PreferenceLossType = PreferenceLossType.sigmoid
+    beta: float = 0.1
+    # Weight of the SFT term: minus the chosen reply's length-averaged log-probability.
+    ftx: float = 0.0
+    simpo_gamma: float = 0.5
+    label_smoothing: float = 0.0
+    reference: PreferenceReference = PreferenceReference.precomputed
+    target: PreferenceTarget = PreferenceTarget.image
+
+
 @dataclass
 class StageConfig:
     """One VARGPT training stage as data: what trains, how fast, on what, for how long, from where."""
@@ -120,6 +158,9 @@ class StageConfig:
     previous_stage: str | None = None
     # A stage-0 recipe trains a backbone instead of VARGPT (vargpt.backbones); null = a VARGPT stage.
     recipe: RecipeConfig | None = None
+    # A preference stage trains on chosen / rejected pairs (data.pairs=true) with this loss; null = the
+    # understanding and generation losses.
+    preference: PreferenceConfig | None = None
 
 
 # --------------------------------------------------------------------------------------------- trainer
@@ -272,6 +313,17 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(
             f"callbacks.checkpoint.export={cfg.callbacks.checkpoint.export!r}: expected one of {EXPORT_DTYPES}"
         )
+    if stage.preference is not None and not cfg.data.pairs:
+        raise ValueError(f"stage {stage.name!r} is a preference stage: it needs pair data (data.pairs=true)")
+    if stage.preference is None and cfg.data.pairs:
+        raise ValueError(f"data.pairs=true: stage {stage.name!r} is not a preference stage (stage=dpo_gen is)")
+    if stage.preference is not None and cfg.data.pair_target not in (None, stage.preference.target.value):
+        raise ValueError(
+            f"data.pair_target={cfg.data.pair_target} but stage.preference.target={stage.preference.target.value}: "
+            "set them equal"
+        )
+    if stage.preference is not None and stage.preference.beta <= 0:
+        raise ValueError(f"stage.preference.beta must be positive, got {stage.preference.beta}")
     if cfg.data.gen_resize_ratio < 1.0:
         raise ValueError(f"data.gen_resize_ratio must be >= 1.0 (VAR: 1.125), got {cfg.data.gen_resize_ratio}")
     check_data_config(cfg.data)

@@ -12,6 +12,7 @@ the data, so a 9 B checkpoint can be checked against a model built on the meta d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -437,3 +438,16 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def state_sha256(module: torch.nn.Module, fp32: bool = True) -> str:
+    """sha256 over a module's state dict (names and bytes, in name order); ``fp32``: of the values cast to fp32,
+    so that the same weights loaded in another dtype give the same digest."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu()
+        if fp32 and tensor.is_floating_point():
+            tensor = tensor.float()
+        digest.update(key.encode())
+        digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()

@@ -111,6 +111,14 @@ class DataConfig:
     # instead of decoding and transforming their pixels; a generation sample without codes is skipped and counted
     # (codes_missing). Codes are of the centre crop: no random-crop augmentation.
     gen_codes: bool = False
+    # Preference pairs (DPO): every sample is a pair record (records.check_pair; data_prep/preference_to_shards.py)
+    # processed into a chosen and a rejected row; micro_batch_size and samples_per_epoch count pairs, a batch holds
+    # 2 x micro_batch_size rows (vargpt.data.collate.PairCollator). Samples that are not pairs are skipped and
+    # counted (not_a_pair). Length grouping sorts pairs by their longer row.
+    pairs: bool = False
+    # What pairs are compared on (stage.preference.target): with "image", a pair whose chosen or rejected response
+    # generates no image is skipped and counted (no_image_target); "text" or null keeps every pair.
+    pair_target: str | None = None
     # Seconds between two warnings about skipped samples or unreadable shards (counts are always kept).
     warn_interval_s: float = 60.0
     # A shard a source's manifest lists but that is absent stops the run; true = stream the shards present (a
@@ -164,6 +172,8 @@ class ModelInputs:
 
 def check_data_config(cfg: DataConfig | Any, key: str = "data") -> None:
     """Ranges the types cannot express (``cfg``: a DataConfig or its DictConfig); raises naming the key."""
+    if cfg.pair_target not in (None, "image", "text"):
+        raise ValueError(f"{key}.pair_target={cfg.pair_target!r}: expected image, text or null")
     if not 0.0 <= cfg.max_bad_sample_rate <= 1.0:
         raise ValueError(f"{key}.max_bad_sample_rate must be in [0, 1] (1 = never stop), got {cfg.max_bad_sample_rate}")
     if cfg.bad_sample_min_samples < 1:

@@ -2,7 +2,8 @@
 
 Build it with :meth:`VARGPTDataModule.from_config` (``data_cfg``: ``conf/data/*.yaml`` as a ``DataConfig`` or a
 DictConfig; ``model``: a ``ModelInputs`` or a typed model config it is read from, which gives the image-token
-counts and image sizes). It builds the
+counts and image sizes). With ``data.pairs`` both streams read preference pairs (``vargpt.data.pairs``) and
+batch them as chosen and rejected rows (``collate.PairCollator``). It builds the
 shapes world when the config asks for it and it is missing (``prepare_data``), streams batches built in the
 workers, and saves the training stream's position in checkpoints: ``state_dict`` holds every rank's worker
 positions (gathered when torch.distributed runs) and ``load_state_dict`` resumes exactly when the epoch,
@@ -27,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,8 +36,9 @@ from lightning.pytorch import LightningDataModule
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from vargpt.data.collate import Collator
+from vargpt.data.collate import Collator, PairCollator
 from vargpt.data.config import DataConfig, ModelInputs, SourceConfig, check_data_config, resolve_path
+from vargpt.data.pairs import PairProcessor
 from vargpt.data.pipeline import EvalStream, SampleProcessor, TrainStream
 from vargpt.data.shapes import ensure_shapes_world
 from vargpt.data.shards import GEN_CODES, read_manifest
@@ -131,9 +134,10 @@ class VARGPTDataModule(LightningDataModule):
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
 
-    def _processor(self, train: bool) -> SampleProcessor:
+    def processor(self, train: bool) -> SampleProcessor | PairProcessor:
+        """A split's sample processor: conversations, or preference pairs (``data.pairs``) made of the same rows."""
         model = self.model
-        return SampleProcessor(
+        rows = SampleProcessor(
             tokenizer=self.tokenizer,
             ids=SpecialTokenIds.from_tokenizer(self.tokenizer),
             num_image_tokens=model.num_image_tokens,
@@ -146,6 +150,12 @@ class VARGPTDataModule(LightningDataModule):
             ),
             gen_codes=self.cfg.gen_codes,
         )
+        return PairProcessor(rows, self.cfg.pair_target) if self.cfg.pairs else rows
+
+    def source_dirs(self) -> dict[str, Path]:
+        """The folders of the sources the run reads (weight not 0), by name (validation ones as ``val/<name>``)."""
+        sources = {**self.cfg.train_sources, **{f"val/{k}": v for k, v in self.cfg.val_sources.items()}}
+        return {name: resolve_path(s.path, self.cfg.root) for name, s in sources.items() if s.weight != 0}
 
     def _check_codes(self, sources: dict[str, SourceConfig]) -> None:
         """With ``data.gen_codes``: the sources' codes must be of the model's VQ-VAE schedule and vocabulary and of
@@ -178,7 +188,8 @@ class VARGPTDataModule(LightningDataModule):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         if self.tokenizer is None:
             self.tokenizer = self._load_tokenizer()
-        collator = Collator(SpecialTokenIds.from_tokenizer(self.tokenizer).pad, self.cfg.pad_to_multiple_of)
+        rows = Collator(SpecialTokenIds.from_tokenizer(self.tokenizer).pad, self.cfg.pad_to_multiple_of)
+        collator = PairCollator(rows) if self.cfg.pairs else rows
         rank, world_size = self._rank_world()
         cfg = self.cfg
         if cfg.gen_codes:
@@ -186,7 +197,7 @@ class VARGPTDataModule(LightningDataModule):
         if stage in (None, "fit") and cfg.train_sources:
             self.train_stream = TrainStream(
                 load_sources(cfg.train_sources, cfg.root, "data.train_sources", cfg.allow_missing_shards),
-                self._processor(train=True),
+                self.processor(train=True),
                 collator,
                 micro_batch_size=cfg.micro_batch_size,
                 samples_per_epoch=cfg.samples_per_epoch,
@@ -203,7 +214,7 @@ class VARGPTDataModule(LightningDataModule):
         if cfg.val_sources:
             self.val_stream = EvalStream(
                 load_sources(cfg.val_sources, cfg.root, "data.val_sources", cfg.allow_missing_shards),
-                self._processor(train=False),
+                self.processor(train=False),
                 collator,
                 micro_batch_size=cfg.val_micro_batch_size or cfg.micro_batch_size,
                 rank=rank,

@@ -1,7 +1,9 @@
 """The upstream dataset formats converted to shards by :mod:`vargpt.data.datasets_to_shards`.
 
 :class:`AnnotationConverter` (JSON/JSONL annotations: LLaVA's ``{id, image?, conversations: [{from, value}]}`` and
-VARGPT's sharegpt ``{messages: [{role, content}], images: [...]}``) and :class:`ParquetConverter`
+VARGPT's sharegpt ``{messages: [{role, content}], images: [...]}``), :class:`PreferenceConverter` (LLaMA-Factory's
+ranking sharegpt, VARGPT-v1.1's preference data: ``{conversations, chosen, rejected, images, system?}``) and
+:class:`ParquetConverter`
 (LLaVA-OneVision-Data parquet: ``id``, ``image {bytes, path}``, ``conversations``, ``data_source``), and the
 command line of the annotation scripts (:func:`annotation_cli`).
 """
@@ -26,6 +28,7 @@ from vargpt.data.datasets_to_shards import (
     Part,
     add_output_args,
     chunk_parts,
+    make_pair_sample,
     make_sample,
     options_from_args,
     read_image_file,
@@ -38,6 +41,7 @@ from vargpt.data.records import (
     as_text,
     check_record,
     normalize_messages,
+    normalize_response,
 )
 
 TRUNCATED_ANNOTATIONS = "truncated_annotations"
@@ -154,6 +158,35 @@ class AnnotationConverter(Converter):
 
 
 @dataclass
+class PreferenceConverter(AnnotationConverter):
+    """LLaMA-Factory's ranking sharegpt annotations (``"ranking": true``): ``conversations`` (the prompt turns, ending
+    on a human turn), ``chosen`` and ``rejected`` (one gpt message each), ``images`` (the prompt's, chosen's, then
+    rejected's, in placeholder order) and an optional ``system`` text. One pair = one sample (``records.check_pair``);
+    either spelling of the turns is accepted."""
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {**super().fingerprint(), "kind": "preference"}
+
+    def manifest_extra(self) -> dict[str, Any]:
+        return {"pairs": True}
+
+    def to_sample(self, index: int, entry: Any) -> ConvertedSample:
+        if isinstance(entry, InvalidSampleError):
+            raise entry
+        if not isinstance(entry, dict):
+            raise InvalidSampleError(MALFORMED_ENTRY, f"entry is {type(entry).__name__}")
+        messages = normalize_messages(entry.get("conversations", entry.get("messages")))
+        if entry.get("system"):
+            messages = [{"role": "system", "content": as_text(entry["system"], "system")}, *messages]
+        chosen, rejected = (normalize_response(entry.get(side), side) for side in ("chosen", "rejected"))
+        names = entry.get("images") or []
+        if isinstance(names, str):
+            names = [names]
+        images = [read_image_file(Path(self.image_root), as_text(n, "image path")) for n in names]
+        return make_pair_sample(self.entry_id(index, entry), messages, chosen, rejected, images, self.source)
+
+
+@dataclass
 class ParquetConverter(Converter):
     """LLaVA-OneVision-Data parquet files: one row = ``id``, ``image {bytes, path}``, ``conversations``,
     ``data_source``. Parts are runs of row groups, read inside the workers."""
@@ -223,13 +256,15 @@ class ParquetConverter(Converter):
         return make_sample(self.entry_id(index, row), messages, images, self.source, meta)
 
 
-def annotation_cli(argv: list[str] | None, description: str) -> int:
-    """The command line of the JSON annotation converters (LLaVA and sharegpt files use the same reader)."""
+def annotation_cli(
+    argv: list[str] | None, description: str, converter: type[AnnotationConverter] = AnnotationConverter
+) -> int:
+    """The command line of the JSON annotation converters (LLaVA, sharegpt and ranking files use the same reader)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--annotations", type=Path, required=True, help="JSON array or JSON-lines file")
     parser.add_argument("--image-root", type=Path, required=True, help="folder the image paths are relative to")
     parser.add_argument("--source", default=None, help="source name (default: the annotation file's stem)")
     add_output_args(parser)
     args = parser.parse_args(argv)
-    converter = AnnotationConverter(args.annotations, args.image_root, args.source or args.annotations.stem)
-    return run_cli(converter, options_from_args(args))
+    source = args.source or args.annotations.stem
+    return run_cli(converter(args.annotations, args.image_root, source), options_from_args(args))

@@ -31,7 +31,14 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from vargpt.data.records import IMAGE_MISSING, IMAGE_TRUNCATED, IMAGE_UNREADABLE, InvalidSampleError, check_record
+from vargpt.data.records import (
+    IMAGE_MISSING,
+    IMAGE_TRUNCATED,
+    IMAGE_UNREADABLE,
+    InvalidSampleError,
+    check_pair,
+    check_record,
+)
 from vargpt.data.shards import FORMAT, MANIFEST_NAME, ShardWriter, sample_members, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -92,10 +99,33 @@ def make_sample(
 ) -> ConvertedSample:
     """Validate a conversation against its images and build the shard record (images named ``img{i}.{ext}``)."""
     check_record(messages, len(images))
+    return _with_images({"id": sample_id, "messages": messages}, images, source, meta)
+
+
+def make_pair_sample(
+    sample_id: str,
+    messages: list[dict[str, str]],
+    chosen: dict[str, str],
+    rejected: dict[str, str],
+    images: list[bytes],
+    source: str,
+    meta: dict[str, Any] | None = None,
+) -> ConvertedSample:
+    """Validate a preference pair (``records.check_pair``: the prompt's images, then chosen's, then rejected's; the
+    images compared by their bytes) and build its shard record, one sample for the pair."""
+    check_pair(messages, chosen, rejected, images)
+    return _with_images(
+        {"id": sample_id, "messages": messages, "chosen": chosen, "rejected": rejected}, images, source, meta
+    )
+
+
+def _with_images(
+    record: dict[str, Any], images: list[bytes], source: str, meta: dict[str, Any] | None
+) -> ConvertedSample:
+    """The sample of a checked record: its images decoded whole and named ``img{i}.{ext}``, its source and meta."""
     checked = [check_image(data) for data in images]
     record = {
-        "id": sample_id,
-        "messages": messages,
+        **record,
         "images": [f"img{i}.{ext}" for i, (_, ext) in enumerate(checked)],
         "source": source,
         "meta": meta or {},

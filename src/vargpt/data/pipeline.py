@@ -17,6 +17,10 @@ then also names what rebuilds the pools (where their samples start and end, the 
 pool took over, how many of its batches were served), so a resume re-processes those samples only and continues
 exactly.
 
+Preference pairs (``data.pairs``): the processor is :class:`vargpt.data.pairs.PairProcessor` and the collator
+:class:`vargpt.data.collate.PairCollator`; a pair is one sample for positions, counts and micro batches (length
+grouping sorts pairs by their longer row).
+
 Evaluation (:class:`EvalStream`): every shard once, in manifest order, split across ranks then workers as
 WebDataset's ``split_by_node`` / ``split_by_worker`` do; with fewer shards than ranks x workers, samples are
 split round-robin instead. Either way no sample is seen twice and none is dropped.
@@ -43,7 +47,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vargpt.data.chat import tokenize_conversation
-from vargpt.data.collate import Collator, Example
+from vargpt.data.collate import Example, PairExample
 from vargpt.data.config import GroupBy
 from vargpt.data.records import (
     CODES_MISSING,
@@ -58,6 +62,13 @@ from vargpt.data.transforms import decode_image
 from vargpt.tokens import SpecialTokenIds
 
 log = logging.getLogger(__name__)
+
+# What a stream batches: a conversation's example, or a preference pair's (data.pairs, vargpt.data.pairs).
+Item = Example | PairExample
+# Raw sample and source name -> item (SampleProcessor, pairs.PairProcessor); items -> batch (collate.Collator,
+# collate.PairCollator).
+Processor = Callable[[dict[str, Any], str], Item]
+BatchCollator = Callable[[list[Item]], dict[str, Any]]
 
 # A source whose shards give no sample this many times in a row is broken, not unlucky.
 _MAX_EMPTY_SHARDS = 100
@@ -81,8 +92,20 @@ class SampleProcessor:
 
     def __call__(self, raw: dict[str, Any], source: str) -> Example:
         record, images = parse_record(raw, codes_ok=self.gen_codes)
+        return self.build(raw, record, record["messages"], list(zip(record["images"], images, strict=True)), source)
+
+    def build(
+        self,
+        raw: dict[str, Any],
+        record: dict[str, Any],
+        messages: list[dict[str, str]],
+        images: list[tuple[str, Any]],
+        source: str,
+    ) -> Example:
+        """The :class:`Example` of ``messages`` (checked turns) whose placeholders refer to ``images``
+        (``(name, bytes or None)`` in placeholder order); ``record`` gives the codes members and the meta."""
         tok = tokenize_conversation(
-            record["messages"],
+            messages,
             self.tokenizer,
             self.ids,
             self.num_image_tokens,
@@ -91,7 +114,7 @@ class SampleProcessor:
         )
         example = Example(torch.tensor(tok.input_ids), torch.tensor(tok.labels))
         # Truncation keeps a prefix of the placeholders, so the first len(image_kinds) images are the kept ones.
-        for kind, name, data in zip(tok.image_kinds, record["images"], images, strict=False):
+        for kind, (name, data) in zip(tok.image_kinds, images, strict=False):
             if kind == IMAGE_GEN and self.gen_codes:
                 example.gen_codes.append(self._codes(raw, record.get(GEN_CODES, {}).get(name)))
                 continue
@@ -128,7 +151,7 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def _example(item: tuple[str, dict[str, Any]], processor: SampleProcessor, skips: SkipCounter) -> Example | None:
+def _example(item: tuple[str, dict[str, Any]], processor: Processor, skips: SkipCounter) -> Item | None:
     """A ``(source, raw)`` sample processed, or None when it is invalid; counted either way."""
     source, raw = item
     try:
@@ -140,16 +163,14 @@ def _example(item: tuple[str, dict[str, Any]], processor: SampleProcessor, skips
     return example
 
 
-def _process(
-    samples: Iterator[tuple[str, dict[str, Any]]], processor: SampleProcessor, skips: SkipCounter
-) -> Iterator[Example]:
+def _process(samples: Iterator[tuple[str, dict[str, Any]]], processor: Processor, skips: SkipCounter) -> Iterator[Item]:
     for item in samples:
         if (example := _example(item, processor, skips)) is not None:
             yield example
 
 
 # A pooled sample: (its index in the worker's raw stream, the sample).
-Indexed = tuple[int, Example]
+Indexed = tuple[int, Item]
 
 
 def group_by_length(
@@ -170,7 +191,7 @@ def group_by_length(
     for _, members in sorted(groups.items()):
         cut = len(members) - len(members) % batch_size
         leftover += members[cut:]
-        ordered = sorted(members[:cut], key=lambda item: -len(item[1].input_ids))  # stable: ties in read order
+        ordered = sorted(members[:cut], key=lambda item: -item[1].num_tokens)  # stable: ties in read order
         batches += [ordered[i : i + batch_size] for i in range(0, cut, batch_size)]
     rng.shuffle(batches)
     return batches, sorted(leftover, key=lambda item: item[0])
@@ -188,8 +209,8 @@ class TrainStream(IterableDataset):
     def __init__(
         self,
         sources: list[Source],
-        processor: SampleProcessor,
-        collator: Collator,
+        processor: Processor,
+        collator: BatchCollator,
         micro_batch_size: int,
         samples_per_epoch: int,
         num_workers: int,
@@ -297,11 +318,11 @@ class TrainStream(IterableDataset):
 
     def _in_order(
         self, raw: Iterator[tuple[str, dict[str, Any]]], position: dict[str, Any], worker: int, skips: SkipCounter
-    ) -> Iterator[list[Example]]:
+    ) -> Iterator[list[Item]]:
         """Micro batches in stream order; updates ``position`` before each."""
         # Resume: the stream is a pure function of its seeds, so skipping the raw samples already read (without
         # decoding them) continues exactly where the saved position was.
-        batch: list[Example] = []
+        batch: list[Item] = []
         for index, item in itertools.islice(enumerate(raw), position["cursor"], None):
             position["cursor"] = index + 1
             if (example := _example(item, self.processor, skips)) is None:
@@ -314,7 +335,7 @@ class TrainStream(IterableDataset):
 
     def _grouped(
         self, raw: Iterator[tuple[str, dict[str, Any]]], position: dict[str, Any], worker: int, skips: SkipCounter
-    ) -> Iterator[list[Example]]:
+    ) -> Iterator[list[Item]]:
         """Length-grouped micro batches (:func:`group_by_length`); updates ``position`` before each.
 
         The first pool is filled before the first batch; then, before serving each batch of a pool, ``B`` fresh
@@ -377,8 +398,8 @@ class EvalStream(IterableDataset):
     def __init__(
         self,
         sources: list[Source],
-        processor: SampleProcessor,
-        collator: Collator,
+        processor: Processor,
+        collator: BatchCollator,
         micro_batch_size: int,
         rank: int = 0,
         world_size: int = 1,

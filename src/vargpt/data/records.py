@@ -3,13 +3,16 @@
 A record is the LLaMA-Factory "sharegpt" schema VARGPT's data uses (ARCHITECTURE.md, VARGPT-REFERENCE.md 6):
 ``messages`` = ``[{role: system|user|assistant, content}]`` with ``<image>`` in user turns (an input image) and
 ``<image_gen>`` in assistant turns (an image to generate), and ``images`` = the image member names of the sample
-in placeholder order. Anything that breaks these rules raises :class:`InvalidSampleError` with a short machine-readable
-``reason``, so converters and the streaming pipeline can skip the sample and count it by reason.
+in placeholder order. A preference pair (:func:`check_pair`) is one record too: ``messages`` holds the prompt turns
+(ending on a user turn), ``chosen`` and ``rejected`` one assistant message each, and ``images`` the prompt's images,
+then chosen's, then rejected's. Anything that breaks these rules raises :class:`InvalidSampleError` with a short
+machine-readable ``reason``, so converters and the streaming pipeline can skip the sample and count it by reason.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 # The placeholders of the record format: the same strings as vargpt.tokens (a test keeps them equal),
@@ -30,6 +33,16 @@ IMAGE_TRUNCATED = "image_truncated"
 TOO_LONG = "too_long"
 READ_ERROR = "read_error"
 CODES_MISSING = "codes_missing"
+# Preference pairs: a pair whose structure is wrong; chosen and rejected alike (text and images); a record that is not
+# a pair where pairs are expected (data.pairs); a pair where a conversation is expected.
+MALFORMED_PAIR = "malformed_pair"
+IDENTICAL_PAIR = "identical_pair"
+NOT_A_PAIR = "not_a_pair"
+UNEXPECTED_PAIR = "unexpected_pair"
+# A pair compared on its images (data.pair_target=image) whose chosen or rejected response generates none.
+NO_IMAGE_TARGET = "no_image_target"
+# The record fields of a pair's two responses, in the order their images are listed.
+PAIR_SIDES = ("chosen", "rejected")
 
 IMAGE = "image"
 IMAGE_GEN = "image_gen"
@@ -118,3 +131,63 @@ def check_record(messages: list[dict[str, str]], num_images: int) -> list[str]:
     if len(kinds) != num_images:
         raise InvalidSampleError(PLACEHOLDER_MISMATCH, f"{len(kinds)} placeholders, {num_images} images")
     return kinds
+
+
+def is_pair(record: dict[str, Any]) -> bool:
+    """Whether a record is a preference pair (has a ``chosen`` or a ``rejected`` response)."""
+    return any(side in record for side in PAIR_SIDES)
+
+
+def normalize_response(raw: Any, side: str) -> dict[str, str]:
+    """A pair's ``chosen`` or ``rejected`` (one assistant message, either spelling) as ``{role, content}``."""
+    if not isinstance(raw, dict):
+        raise InvalidSampleError(MALFORMED_PAIR, f"{side} is {type(raw).__name__}, not one message")
+    (message,) = normalize_messages([raw])
+    if message["role"] != "assistant":
+        raise InvalidSampleError(MALFORMED_PAIR, f"{side} is a {message['role']} message, not an assistant one")
+    return message
+
+
+@dataclass(frozen=True)
+class PairLayout:
+    """How a pair's ``images`` split: the prompt's first, then chosen's, then rejected's (counts)."""
+
+    prompt: int
+    chosen: int
+    rejected: int
+
+    def split(self, items: list[Any]) -> tuple[list[Any], list[Any], list[Any]]:
+        """``items`` (one per image, in ``images`` order) as (prompt's, chosen's, rejected's)."""
+        a, b = self.prompt, self.prompt + self.chosen
+        return items[:a], items[a:b], items[b:]
+
+    def rows(self, items: list[Any]) -> tuple[list[Any], list[Any]]:
+        """``items`` as the chosen row's (prompt's + chosen's) and the rejected row's (prompt's + rejected's)."""
+        prompt, chosen, rejected = self.split(items)
+        return prompt + chosen, prompt + rejected
+
+
+def check_pair(
+    prompt: list[dict[str, str]], chosen: dict[str, str], rejected: dict[str, str], images: list[Any]
+) -> PairLayout:
+    """Validate a preference pair (normalised turns) against its images; returns how the images split.
+
+    The prompt is a conversation awaiting the model's answer (ends on a user turn) whose placeholders are all
+    ``<image>``: generation targets belong to the responses only, so a row's every target is what the pair compares.
+    ``images`` are anything that identifies the images (names, or better their bytes): a pair whose responses have the
+    same text and the same images compares nothing and is ``identical_pair``.
+    """
+    if prompt[-1]["role"] != "user":
+        raise InvalidSampleError(MALFORMED_PAIR, f"the prompt's last turn is {prompt[-1]['role']}, not user")
+    prompt_kinds = placeholder_kinds(prompt, open_end=True)
+    if IMAGE_GEN in prompt_kinds:
+        raise InvalidSampleError(MALFORMED_PAIR, f"{IMAGE_GEN_PLACEHOLDER} in the prompt: only responses generate")
+    chosen_n, rejected_n = (len(placeholder_kinds([*prompt, side])) - len(prompt_kinds) for side in (chosen, rejected))
+    layout = PairLayout(len(prompt_kinds), chosen_n, rejected_n)
+    placeholders = layout.prompt + layout.chosen + layout.rejected
+    if placeholders != len(images):
+        raise InvalidSampleError(PLACEHOLDER_MISMATCH, f"{placeholders} placeholders, {len(images)} images")
+    _, chosen_images, rejected_images = layout.split(images)
+    if chosen["content"] == rejected["content"] and chosen_images == rejected_images:
+        raise InvalidSampleError(IDENTICAL_PAIR, "chosen and rejected have the same text and images")
+    return layout

@@ -1,7 +1,8 @@
 """The shard format on disk: writing size-bounded tar shards, the manifest, reading samples back, verification.
 
 A source folder holds ``manifest.json`` and WebDataset tar shards. One sample is the members
-``{key}.json`` (the record: ``id``, ``messages``, ``images``, ``source``, ``meta``) and ``{key}.{name}`` for every
+``{key}.json`` (the record: ``id``, ``messages``, ``images``, ``source``, ``meta``; a preference pair adds ``chosen``,
+``rejected`` and optionally ``ref_logps``, see ``records.check_pair``) and ``{key}.{name}`` for every
 image name the record lists (``img0.jpg``, ``img1.png``, ...), stored as the original encoded bytes. Shards are
 written to a temporary name and renamed when complete, with fixed tar metadata so that the same input gives
 byte-identical shards (and the same sha256) on every run.
@@ -28,12 +29,21 @@ import numpy as np
 from PIL import Image
 
 from vargpt.data.records import (
+    IMAGE_GEN,
     IMAGE_MISSING,
     MALFORMED_ENTRY,
+    NOT_A_PAIR,
+    PAIR_SIDES,
+    UNEXPECTED_PAIR,
     InvalidSampleError,
+    PairLayout,
     as_text,
+    check_pair,
     check_record,
+    is_pair,
     normalize_messages,
+    normalize_response,
+    placeholder_kinds,
 )
 
 FORMAT = "vargpt-shards-v1"
@@ -186,28 +196,77 @@ def iter_raw_samples(
     return wds.tariterators.tarfile_samples(({"url": p} for p in paths), handler=handler)
 
 
-def parse_record(raw: dict[str, Any], codes_ok: bool = False) -> tuple[dict[str, Any], list[Any]]:
-    """The record of a raw sample (messages normalised and checked) and its images' bytes in placeholder order.
-
-    ``codes_ok``: an image whose member is absent but whose precomputed codes are present is None, not missing.
-    """
+def _load_record(raw: dict[str, Any], pair: bool) -> dict[str, Any]:
+    """The JSON record of a raw sample with its turns normalised (a pair's responses too when ``pair``)."""
     try:
         # Decoded first, so bad UTF-8 is non_utf8 here as in the converters (json.loads would call it malformed).
         record = json.loads(as_text(raw["json"], f"{raw.get('__key__')}: record"))
-        names = record["images"]
+        if not isinstance(record["images"], list):
+            raise TypeError(f"images is {type(record['images']).__name__}, not a list")
+        if is_pair(record) and not pair:
+            raise InvalidSampleError(UNEXPECTED_PAIR, f"{raw.get('__key__')}: a preference pair (data.pairs=true)")
+        if pair and not is_pair(record):
+            raise InvalidSampleError(NOT_A_PAIR, f"{raw.get('__key__')}: a conversation, not a preference pair")
         record["messages"] = normalize_messages(record["messages"])
-        codes = record.get(GEN_CODES, {})
-        if not isinstance(codes, dict):
-            raise TypeError(f"{GEN_CODES} is {type(codes).__name__}, not a mapping")
+        for side in PAIR_SIDES if pair else ():
+            record[side] = normalize_response(record.get(side), side)
+        if not isinstance(record.get(GEN_CODES, {}), dict):
+            raise TypeError(f"{GEN_CODES} is {type(record[GEN_CODES]).__name__}, not a mapping")
     except (KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, InvalidSampleError):
             raise
         raise InvalidSampleError(MALFORMED_ENTRY, f"{raw.get('__key__')}: bad record ({exc})") from None
-    check_record(record["messages"], len(names))
-    missing = [n for n in names if n not in raw and not (codes_ok and codes.get(n) in raw)]
+    return record
+
+
+def _image_members(raw: dict[str, Any], record: dict[str, Any], codes_ok: bool) -> list[Any]:
+    """The bytes of the record's images in placeholder order (None: only its codes are stored, when ``codes_ok``)."""
+    codes = record.get(GEN_CODES, {})
+    missing = [n for n in record["images"] if n not in raw and not (codes_ok and codes.get(n) in raw)]
     if missing:
         raise InvalidSampleError(IMAGE_MISSING, f"{raw.get('__key__')}: no member {missing}")
-    return record, [raw.get(n) for n in names]
+    return [raw.get(n) for n in record["images"]]
+
+
+def parse_record(raw: dict[str, Any], codes_ok: bool = False) -> tuple[dict[str, Any], list[Any]]:
+    """The record of a raw sample (messages normalised and checked) and its images' bytes in placeholder order.
+
+    ``codes_ok``: an image whose member is absent but whose precomputed codes are present is None, not missing.
+    A preference pair is ``unexpected_pair`` here (:func:`parse_pair_record` reads it).
+    """
+    record = _load_record(raw, pair=False)
+    check_record(record["messages"], len(record["images"]))
+    return record, _image_members(raw, record, codes_ok)
+
+
+def parse_pair_record(raw: dict[str, Any], codes_ok: bool = False) -> tuple[dict[str, Any], list[Any], PairLayout]:
+    """A preference pair's record (prompt and responses normalised and checked), its images' bytes in placeholder
+    order (as :func:`parse_record`) and how they split; a record that is not a pair is ``not_a_pair``."""
+    record = _load_record(raw, pair=True)
+    images = _image_members(raw, record, codes_ok)
+    codes = record.get(GEN_CODES, {})
+    # What identifies each image for the identical-pair check: its bytes, or its codes' when the pixels were dropped.
+    identity = [data if data is not None else raw[codes[n]] for n, data in zip(record["images"], images, strict=True)]
+    layout = check_pair(record["messages"], record["chosen"], record["rejected"], identity)
+    return record, images, layout
+
+
+def parse_sample(raw: dict[str, Any], codes_ok: bool = False) -> tuple[dict[str, Any], list[Any]]:
+    """Record and images' bytes of a conversation (:func:`parse_record`) or a pair (:func:`parse_pair_record`)."""
+    try:
+        pair = is_pair(json.loads(raw["json"]))
+    except (KeyError, TypeError, ValueError):
+        pair = False  # parse_record says what is wrong with it
+    return parse_pair_record(raw, codes_ok)[:2] if pair else parse_record(raw, codes_ok)
+
+
+def gen_image_names(record: dict[str, Any]) -> list[str]:
+    """The names of a parsed record's generation targets (``<image_gen>`` images), conversation or pair."""
+    if not is_pair(record):
+        kinds = placeholder_kinds(record["messages"])
+        return [name for name, kind in zip(record["images"], kinds, strict=True) if kind == IMAGE_GEN]
+    # A pair's prompt holds no generation target (records.check_pair): its responses' images are the targets.
+    return record["images"][len(placeholder_kinds(record["messages"], open_end=True)) :]
 
 
 @dataclass
@@ -255,7 +314,7 @@ def verify_source(source_dir: str | Path, decode_images: bool = True, max_proble
                     problem(f"{shard['name']}: duplicate key {raw['__key__']}")
                 keys.add(raw["__key__"])
                 try:
-                    record, images = parse_record(raw, codes_ok=True)
+                    record, images = parse_sample(raw, codes_ok=True)
                     for data in images if decode_images else []:
                         if data is not None:
                             with Image.open(io.BytesIO(data)) as img:

@@ -18,11 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vargpt.data.config import SourceConfig, resolve_path
-from vargpt.data.records import (
-    CODES_MISSING,
-    READ_ERROR,
-    TOO_LONG,
-)
+from vargpt.data.records import CODES_MISSING, NO_IMAGE_TARGET, NOT_A_PAIR, READ_ERROR, TOO_LONG, UNEXPECTED_PAIR
 from vargpt.data.shards import shard_list
 
 log = logging.getLogger(__name__)
@@ -34,6 +30,9 @@ TRAIN, VAL = "train", "val"
 _NEXT_STEP = {
     TOO_LONG: "raise data.cutoff_len",
     CODES_MISSING: "encode the source's codes (data_prep/encode_gen_codes.py) or set data.gen_codes=false",
+    NOT_A_PAIR: "set data.pairs=false, or train on preference shards (data_prep/preference_to_shards.py)",
+    UNEXPECTED_PAIR: "set data.pairs=true (stage=dpo_gen) for preference shards",
+    NO_IMAGE_TARGET: "train on image pairs only, or set stage.preference.target=text",
 }
 
 _DEFAULT_NEXT_STEP = "check the source (data_prep/verify_shards.py lists its bad samples) and convert it again"

@@ -101,11 +101,12 @@ def vqa_items(n: int, seed: int = 0, size: int = 64, start: int = 0) -> list[Sha
     return items
 
 
-def t2i_items(n: int, seed: int = 0, start: int = 0) -> list[ShapesItem]:
-    """Held-out text-to-image instructions ``start .. start + n - 1`` with the scene each asks for."""
+def t2i_items(n: int, seed: int = 0, start: int = 0, split: str = SPLIT) -> list[ShapesItem]:
+    """Text-to-image instructions ``start .. start + n - 1`` of ``split`` (the held-out one by default) with the
+    scene each asks for."""
     items = []
     for i in range(start, start + n):
-        spec = make_sample_spec("t2i", SPLIT, i, seed)
+        spec = make_sample_spec("t2i", split, i, seed)
         items.append(
             ShapesItem(
                 id=spec.id,

@@ -20,7 +20,6 @@ against the model's config and ``data.gen_resize_ratio``.
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
 import json
 import logging
@@ -31,16 +30,18 @@ from typing import Any
 
 import torch
 
+from vargpt.checkpoint.io import state_sha256
 from vargpt.checkpoint.load import load_weights
 from vargpt.checkpoint.released import folder_model_config
 from vargpt.data.datasets_to_shards import ConvertedSample, Converter, Part
-from vargpt.data.records import IMAGE_GEN, IMAGE_UNREADABLE, InvalidSampleError, placeholder_kinds
+from vargpt.data.records import IMAGE_UNREADABLE, InvalidSampleError
 from vargpt.data.shards import (
     GEN_CODES,
     codes_member,
     encode_codes,
+    gen_image_names,
     iter_raw_samples,
-    parse_record,
+    parse_sample,
     read_manifest,
     shard_list,
 )
@@ -68,18 +69,25 @@ def load_vqvae(weights: str, model_config: str | None, device: str) -> Any:
 def vqvae_identity(weights: str, model_config: str | None) -> dict[str, Any]:
     """What codes belong to: the VQ-VAE's schedule, vocabulary and image size, and the sha256 of its weights."""
     vqvae = load_vqvae(weights, model_config, "cpu")
-    digest = hashlib.sha256()
-    for key, tensor in sorted(vqvae.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
     return {
         "patch_nums": list(vqvae.schedule.patch_nums),
         "vocab_size": int(vqvae.codebook.shape[0]),
         "image_size": int(vqvae.image_size),
         "num_tokens": int(vqvae.schedule.num_tokens),
-        "vqvae_sha256": digest.hexdigest(),
+        "vqvae_sha256": state_sha256(vqvae, fp32=False),
         "weights": str(Path(weights).resolve()),
     }
+
+
+def shard_parts(input_dir: Path, limit: int | None) -> Iterator[Part]:
+    """One conversion part per shard of an existing source, in order, up to ``limit`` samples in all."""
+    first = 0
+    for index, (path, count) in enumerate(shard_list(input_dir)):
+        count = count if limit is None else min(count, limit - first)
+        if count <= 0:
+            return
+        yield Part(index, first, count, path)
+        first += count
 
 
 @dataclass
@@ -120,13 +128,7 @@ class GenCodesConverter(Converter):
 
     def parts(self, part_size: int, limit: int | None) -> Iterator[Part]:
         """One part per input shard (``part_size`` does not apply)."""
-        first = 0
-        for index, (path, count) in enumerate(shard_list(self.input_dir)):
-            count = count if limit is None else min(count, limit - first)
-            if count <= 0:
-                return
-            yield Part(index, first, count, path)
-            first += count
+        return shard_parts(self.input_dir, limit)
 
     def entries(self, part: Part) -> Iterator[tuple[int, Any]]:
         """``(index, (raw sample, {generation image name: codes (L,)}))`` or an InvalidSampleError, in shard order."""
@@ -151,9 +153,8 @@ class GenCodesConverter(Converter):
         pixels_N3RR: list[torch.Tensor] = []
         for raw in samples:
             try:
-                record, _ = parse_record(raw)
-                kinds = placeholder_kinds(record["messages"])
-                names = [name for name, kind in zip(record["images"], kinds, strict=True) if kind == IMAGE_GEN]
+                record, _ = parse_sample(raw)
+                names = gen_image_names(record)
                 mine = [pixels_of(raw, name) for name in names]
             except InvalidSampleError as exc:
                 out.append(exc)

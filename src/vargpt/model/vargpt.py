@@ -77,6 +77,17 @@ class VARGPTOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class TeacherForcedPass:
+    """The LLM's last hidden states over a batch (B, T, H), its counts, and its generation targets' per-scale
+    codes and AdaLN condition (None without generation targets)."""
+
+    hidden: torch.Tensor  # (B, T, H)
+    counts: BatchCounts
+    codes: list[torch.Tensor] | None  # per scale (N, p_k^2)
+    cond: torch.Tensor | None  # (N, D)
+
+
 class VARGPT(nn.Module):
     """The unified model; sub-module names are those of the released ``VARGPTLlavaForConditionalGeneration``."""
 
@@ -144,11 +155,14 @@ class VARGPT(nn.Module):
         with torch.no_grad():
             return self.vae_local.img_to_codes(batch["pixel_gen_values"])
 
-    def gen_inputs(self, codes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """VAR input embeddings of the targets (B_g, L, C) and their AdaLN condition (B_g, C)."""
+    def gen_inputs(
+        self, codes: list[torch.Tensor], drop_condition: bool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAR input embeddings of the targets (B_g, L, C) and their AdaLN condition (B_g, C); the condition is
+        dropped to the null row at VAR's rate when ``drop_condition`` (default: in training)."""
         n = codes[0].shape[0]
         label_B = torch.full((n,), self.gen_label, dtype=torch.long, device=codes[0].device)
-        if self.training:
+        if self.training if drop_condition is None else drop_condition:
             label_B = self.vargpt_gen.drop_labels(label_B)
         cond_BD = self.vargpt_gen.cond(label_B)
         with torch.no_grad():
@@ -194,9 +208,9 @@ class VARGPT(nn.Module):
         return self.vargpt_gen.decode(x_BLC, cond_BD, attn_bias=bias)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, batch: dict[str, Any]) -> VARGPTOutput:
-        """Teacher-forced losses of a batch (the collator's contract: see vargpt.data.collate), with its
-        ``BatchCounts`` under ``HOST_COUNTS`` if the caller has them."""
+    def teacher_forced(self, batch: dict[str, Any], drop_condition: bool | None = None) -> TeacherForcedPass:
+        """The LLM pass of a batch with its images scattered in (the collator's contract: vargpt.data.collate),
+        and the generation targets' codes and condition. ``drop_condition``: see :meth:`gen_inputs`."""
         input_ids_BT = batch["input_ids"]
         counts = batch.get(HOST_COUNTS) or BatchCounts.of(batch, self.ids)
         has_und = batch.get("pixel_values") is not None and batch["pixel_values"].shape[0] > 0
@@ -207,24 +221,64 @@ class VARGPT(nn.Module):
         gen_embeds, cond_BD, codes = None, None, None
         if has_gen:
             codes = self.gen_targets(batch)
-            x_BLC, cond_BD = self.gen_inputs(codes)
+            x_BLC, cond_BD = self.gen_inputs(codes, drop_condition)
             gen_embeds = self.image_gen_projector(x_BLC)
         embeds_BTH = self.build_inputs_embeds(input_ids_BT, image_feats, gen_embeds, counts)
         hidden_BTH = self.llm_hidden(embeds_BTH, batch.get("attention_mask"))
+        return TeacherForcedPass(hidden_BTH, counts, codes, cond_BD)
 
+    def image_logits(self, batch: dict[str, Any], tf: TeacherForcedPass) -> tuple[torch.Tensor, torch.Tensor]:
+        """Code logits of every generation target (N, L, V) and the batch row each target sits in (N,)."""
+        b_N, t_N = _positions(batch["input_ids"] == self.ids.gen_pad, tf.counts.gen_slots)
+        hidden_NLH = tf.hidden[b_N, t_N].view(-1, self.num_gen_tokens, tf.hidden.shape[-1])
+        rows_N = b_N.view(-1, self.num_gen_tokens)[:, 0]
+        return self.decode_image_logits(hidden_NLH, tf.cond), rows_N
+
+    def forward(self, batch: dict[str, Any]) -> VARGPTOutput:
+        """Teacher-forced losses of a batch (the collator's contract: see vargpt.data.collate), with its
+        ``BatchCounts`` under ``HOST_COUNTS`` if the caller has them."""
+        tf = self.teacher_forced(batch)
         metrics: dict[str, torch.Tensor] = {}
-        loss_text = self.text_loss(hidden_BTH, batch["labels"], metrics, counts.text_targets)
+        loss_text = self.text_loss(tf.hidden, batch["labels"], metrics, tf.counts.text_targets)
         loss_image = None
-        if has_gen:
-            b_N, t_N = _positions(input_ids_BT == self.ids.gen_pad, counts.gen_slots)
-            hidden_NLH = hidden_BTH[b_N, t_N].view(-1, self.num_gen_tokens, hidden_BTH.shape[-1])
-            logits_NLV = self.decode_image_logits(hidden_NLH, cond_BD)
-            loss_image = self.image_loss(logits_NLV, torch.cat(codes, dim=1), metrics)
+        if tf.codes is not None:
+            logits_NLV, _ = self.image_logits(batch, tf)
+            loss_image = self.image_loss(logits_NLV, torch.cat(tf.codes, dim=1), metrics)
         loss = self.cfg.text_loss_weight * loss_text
         if loss_image is not None:
             loss = loss + self.cfg.image_loss_weight * loss_image
         metrics["loss"] = loss.detach()
         return VARGPTOutput(loss=loss, loss_text=loss_text, loss_image=loss_image, metrics=metrics)
+
+    def sequence_logps(self, batch: dict[str, Any], target: str = "image") -> tuple[torch.Tensor, torch.Tensor]:
+        """Per batch row, the summed log-probability of its targets under teacher forcing, and how many
+        positions the sum covers: both (B,) fp32.
+
+        ``target="image"``: the VQ codes at the row's generation slots (all its ``<image_gen>`` targets), as the
+        image loss sees them; ``"text"``: the row's labelled next tokens. The preference stage compares these
+        between a chosen and a rejected reply (vargpt.training.preference), so the condition is never dropped
+        (the same function of the weights on every call).
+        """
+        if target not in ("image", "text"):
+            raise ValueError(f"target={target!r}: expected image or text")
+        tf = self.teacher_forced(batch, drop_condition=False)
+        B = batch["input_ids"].shape[0]
+        if target == "text":
+            targets_BT = batch["labels"][:, 1:]
+            b_N, t_N = _positions(targets_BT != IGNORE_INDEX, tf.counts.text_targets)
+            logits_NV = self.language_model.lm_head(tf.hidden[b_N, t_N]).float()
+            logp_N = -F.cross_entropy(logits_NV, targets_BT[b_N, t_N], reduction="none")
+            rows_N, per_row = b_N, 1
+        else:
+            if tf.codes is None:
+                raise ValueError("sequence_logps(target='image'): the batch has no generation targets")
+            logits_NLV, rows_N = self.image_logits(batch, tf)
+            gt_NL = torch.cat(tf.codes, dim=1)
+            logp_N = -F.cross_entropy(logits_NLV.float().transpose(1, 2), gt_NL, reduction="none").sum(1)
+            per_row = self.num_gen_tokens
+        sums_B = logp_N.new_zeros(B).index_add(0, rows_N, logp_N)
+        counts_B = logp_N.new_zeros(B).index_add(0, rows_N, torch.full_like(logp_N, per_row))
+        return sums_B, counts_B
 
     def text_loss(
         self,
