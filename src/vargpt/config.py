@@ -188,6 +188,10 @@ class FSDPConfig:
     mixed_precision: MixedPrecision = MixedPrecision.auto
     # One file per rank (fast, needs the same world size to resume); false gathers a full checkpoint on rank 0.
     save_distributed_checkpoint: bool = True
+    # Build the model on the meta device, shard it, then fill only this rank's shards from the checkpoint (its
+    # rows alone are read) or a replay of the seeded init (vargpt.training.materialize); false builds and loads the
+    # whole model on every rank first (docs/performance.md section 10).
+    meta_init: bool = True
 
 
 # torch.compile's modes, named as torch names them (the functional form allows the hyphens).

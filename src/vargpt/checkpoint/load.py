@@ -157,13 +157,43 @@ def _load(model: nn.Module, source: Any, strict: bool, VARGPT: type, VAR: type, 
 def _load_full(
     model: nn.Module, source: TensorSource, strict: bool, folder_config: dict[str, Any] | None
 ) -> LoadReport:
+    named, report = _plan_full(model, source, strict, folder_config)
+    return apply_load(model, named, report)
+
+
+def _plan_full(
+    model: nn.Module, source: TensorSource, strict: bool, folder_config: dict[str, Any] | None
+) -> tuple[TensorSource, LoadReport]:
+    """``source`` under the released names and the report of loading it whole into ``model`` (nothing read)."""
     named, how = as_released(source)
     report = plan_load(Target.of(model), named, DEFAULT_RULES, source_label=source.label, target_label="VARGPT")
     report.key_mapping = how
     if folder_config is not None and getattr(model, "ids", None) is not None:
         report.conflicts += special_ids_conflicts(folder_config, model.ids)
     report.raise_if_strict(strict)
-    return apply_load(model, named, report)
+    return named, report
+
+
+def plan_whole_load(model: VARGPT, source: str | Path | TensorSource) -> tuple[TensorSource, LoadReport] | None:
+    """For a load shard by shard (``vargpt.checkpoint.sharded_load``): the released-name view of a whole-VARGPT
+    ``source`` (a released or exported folder, a safetensors or torch file, an open source) and the strict report
+    of loading it into ``model``, which may be on the meta device (only headers are read). None when ``source``
+    is another kind ``load_weights`` reads (the stage-1 triple, a LLaVA, VAR or VQ-VAE part alone), which fills
+    only part of the model. Raises :class:`CheckpointMismatchError` as ``load_weights`` would."""
+    folder_config: dict[str, Any] | None = None
+    if not isinstance(source, TensorSource):
+        if parse_components(source) is not None:
+            return None
+        path = Path(source).expanduser()
+        config = read_config_json(path) if path.is_dir() and (path / "config.json").is_file() else None
+        if config is not None and config.get("model_type") == "llava":
+            return None
+        if config is not None and is_released_folder(path):
+            folder_config = config
+        source = open_checkpoint(path)
+    if detect_kind(source) != "vargpt":
+        return None
+    return _plan_full(model, source, True, folder_config)
 
 
 def _with_mapping(report: LoadReport, how: str | None) -> LoadReport:

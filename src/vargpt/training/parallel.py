@@ -15,6 +15,9 @@ Every rank must run the same units in the same order (each gathers its parameter
 micro batch has no understanding image, or no generation target, while another's has, gets a masked dummy one
 (``align_branches``).
 
+A model built on the meta device (``materialize.build_for_sharded_start``, the default FSDP start from a
+checkpoint) gets its local shards at the end of ``shard_fsdp2``: each rank holds and reads only its own.
+
 Activation checkpointing uses the composable ``checkpoint`` API, which does not wrap modules, so state-dict
 keys keep the released names.
 """
@@ -27,6 +30,8 @@ from typing import Any
 import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 from torch import nn
+
+from vargpt.training.materialize import has_pending_init, materialise
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +80,8 @@ def shard_fsdp2(
     bf16: bool,
     reshard_after_forward: bool = True,
 ) -> None:
-    """fully_shard every unit of ``model.fsdp_units()``, then the root (VQ-VAE replicated), in place."""
+    """fully_shard every unit of ``model.fsdp_units()``, then the root (VQ-VAE replicated), in place; a model built
+    on the meta device then gets this rank's shards and fills them (``materialize.materialise``)."""
     # Here, not at the top: torch builds without distributed support lack it.
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -90,6 +96,15 @@ def shard_fsdp2(
     vqvae = set(model.vae_local.parameters())
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy, ignored_params=vqvae)
     log.info(f"FSDP2: {len(units)} units + root sharded over {mesh.size()} ranks, VQ-VAE replicated (bf16: {bf16})")
+    if has_pending_init(model):
+        materialise(model, mesh_device(mesh))
+
+
+def mesh_device(mesh: Any) -> torch.device:
+    """This rank's device of ``mesh`` (its current GPU, or the CPU)."""
+    if mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(mesh.device_type)
 
 
 def branch_presence(batch: dict[str, Any]) -> tuple[bool, bool]:

@@ -5,6 +5,7 @@ Registered under ``VARGPT_KEY`` on import; the training shell (task.py) drives i
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from vargpt.training.app import VARGPT_KEY, App, RunContext, register_app
 from vargpt.training.callbacks import RunStats, RunSummary, ThroughputMonitor, format_summary, record_summary
 from vargpt.training.data_health import DataHealth
 from vargpt.training.lightning_module import VARGPTModule
+from vargpt.training.materialize import build_for_sharded_start
+from vargpt.training.preference_module import PreferenceModule, check_precomputed_reference, preference_settings
 from vargpt.training.trainer import build_trainer, set_accumulation
 
 log = logging.getLogger(__name__)
@@ -53,18 +56,62 @@ def _exports(ctx: RunContext) -> bool:
 def prepare(ctx: RunContext) -> Any:
     """The VARGPT of ``cfg.model`` with its start weights. A fresh run starts from the stage's start (the previous
     stage), which wins over the model config's (released / LLaVA+VAR weights, embedded backbones); a resumed
-    run's weights come from its checkpoint."""
-    model = build_vargpt(OmegaConf.to_object(ctx.cfg.model), ctx.tokenizer)
+    run's weights come from its checkpoint.
+
+    Under FSDP (``trainer.fsdp.meta_init``, on by default) the model is built on the meta device and each rank
+    later fills only its own shards (``training.materialize``), except where that module says it cannot; the
+    rerun of a complete run and the preference stages (their reference copies and checks read the weights
+    before sharding) build it whole, as DDP and one device do."""
     start = None if ctx.resume else (ctx.init_path or ctx.cfg.model.init_from)
+    sharded = ctx.cfg.trainer.strategy.value == "fsdp" and ctx.cfg.trainer.fsdp.meta_init
+    if sharded and ctx.cfg.stage.preference is None and not ctx.complete:
+        cfg_model = OmegaConf.to_object(ctx.cfg.model)
+        lean = build_for_sharded_start(cfg_model, ctx.tokenizer, start or None, resume=ctx.resume is not None)
+        if lean is not None:
+            return lean
+    model = build_vargpt(OmegaConf.to_object(ctx.cfg.model), ctx.tokenizer)
     if start:
         ckpt.load_init_weights(model, start)
     return model
 
 
+def build_module(ctx: RunContext, model: Any) -> VARGPTModule:
+    """The stage's LightningModule: the VARGPT one, or the preference one for a stage with ``stage.preference``
+    (with a frozen copy of the stage's starting model as its reference when the stage asks for one)."""
+    cfg = ctx.cfg
+    if cfg.stage.preference is None:
+        return VARGPTModule(model, cfg.stage, cfg.trainer, total_steps=ctx.max_steps, seed=cfg.seed)
+    reference = None
+    if preference_settings(cfg.stage).uses_reference:
+        if cfg.stage.preference.reference.value == "frozen_copy":
+            reference = _starting_model(ctx, model)
+        elif ctx.resume is None:  # the model holds the start's weights only before training
+            check_precomputed_reference(model, ctx.datamodule.source_dirs())
+    return PreferenceModule(model, cfg.stage, cfg.trainer, ctx.max_steps, cfg.seed, reference=reference)
+
+
+def _starting_model(ctx: RunContext, model: Any) -> Any:
+    """A copy of the model the stage started from: the model itself before a fresh run trains it; for a resumed
+    run, rebuilt from the stage's start (its resumed weights are not the start)."""
+    if ctx.resume is None:
+        return copy.deepcopy(model)
+    cfg = ctx.cfg
+    start, _ = ckpt.resolve_init_from(cfg.stage.init_from, cfg.stage.previous_stage, cfg.paths.log_dir)
+    start = start or cfg.model.init_from
+    if not start:
+        raise ValueError(
+            "stage.preference.reference=frozen_copy: the reference is the starting model, which a resumed run "
+            "rebuilds from its start weights, but the stage has none (set stage.init_from or model.init_from)"
+        )
+    reference = build_vargpt(OmegaConf.to_object(cfg.model), ctx.tokenizer)
+    ckpt.load_init_weights(reference, start)
+    return reference
+
+
 def fit(ctx: RunContext, model: Any, logger: Any) -> dict[str, float]:
     """Train the stage; the export and the stage record are written by the callbacks at the end."""
     cfg, run, resume = ctx.cfg, ctx.run, ctx.resume
-    module = VARGPTModule(model, cfg.stage, cfg.trainer, total_steps=ctx.max_steps, seed=cfg.seed)
+    module = build_module(ctx, model)
     if rank_zero_only.rank == 0:
         tracking.log_artifact_text(logger, module.report.table() + "\n", "stage.txt", run.run_dir)
         ckpt.start_attempt(run, ctx.overrides, resume.global_step if resume else 0, ctx.max_steps)
