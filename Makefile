@@ -56,20 +56,23 @@ demo: $(STAMP) ## the three VARGPT stages on the embedded default (tiny model, s
 
 # The self-improving loop (VARGPT-v1.1's preference stage on the shapes world; docs/backbones.md "Self-improving
 # loop"): stage 3's images for DPO_INSTRUCTIONS training instructions, DPO_SAMPLES each, ranked by the world's judge,
-# become chosen / rejected pairs; the reference log-probs are precomputed into them; stage=dpo_gen trains on them;
+# become chosen / rejected pairs; the reference log-probs are precomputed into them; stage=dpo_gen trains on them
+# from the model that drew them (the export, not stage 3's fp32 checkpoint: the policy starts as its reference);
 # the held-out split is evaluated as `make demo` evaluates stage 3.
 DPO_DIR          ?= $(LOG_DIR)/dpo
 DPO_INSTRUCTIONS ?= 600
-DPO_SAMPLES      ?= 4
+DPO_SAMPLES      ?= 8
+# The chosen image must have every asked object's colour and shape right (the headline figure); see docs/backbones.md.
+DPO_PAIRS_ARGS   ?= --chosen-needs both
 DPO_ARGS         ?= stage.num_samples=2400 stage.global_batch_size=16 stage.optimizer.lr=1e-4 \
 	stage.preference.beta=0.1 stage.preference.ftx=1.0
 STAGE3_EXPORT     = $$($(BIN)/python -c "import json; print(json.load(open('$(LOG_DIR)/stages/sft_gen.json'))['export_dir'])")
 demo-dpo: $(STAMP) ## after `make demo`: sample, judge, pair, DPO (stage=dpo_gen), evaluate
 	$(BIN)/python -m vargpt.preference.self_improve --ckpt $(STAGE3_EXPORT) --out $(DPO_DIR)/pairs \
-		--instructions $(DPO_INSTRUCTIONS) --samples $(DPO_SAMPLES)
+		--instructions $(DPO_INSTRUCTIONS) --samples $(DPO_SAMPLES) $(DPO_PAIRS_ARGS)
 	$(BIN)/python -m vargpt.preference.reference_logps --input $(DPO_DIR)/pairs --weights $(STAGE3_EXPORT) \
 		--gen-codes --out $(DPO_DIR)/pairs_ref --overwrite
-	$(BIN)/python src/train.py stage=dpo_gen paths.log_dir=$(LOG_DIR) data.root=$(DPO_DIR) \
+	$(BIN)/python src/train.py stage=dpo_gen stage.init_from=$(STAGE3_EXPORT) paths.log_dir=$(LOG_DIR) data.root=$(DPO_DIR) \
 		data.train_sources.preference.path=pairs_ref data.gen_codes=true data.gen_resize_ratio=1.0 \
 		data.num_workers=2 $(DPO_ARGS) $(ARGS)
 	$(BIN)/python src/eval.py paths.log_dir=$(LOG_DIR) ckpt=$$($(BIN)/python -c \

@@ -5,6 +5,7 @@ class-conditional VAR decoder (``build_var`` path, ``VAR.sample`` + VQ-VAE decod
     python -m bench.generate batch_sizes=1,8 repeats=2 threads=1      # quicker; 1 thread on a busy CPU
     python -m bench.generate model=vargpt_llava_7b precision=bf16-true batch_sizes=1,8   # real sizes (GPU)
     python -m bench.generate parts=var var=d16 precision=bf16-mixed    # VAR-d16 alone: the issue's GPU bar
+    python -m bench.generate parts=var var=d8 batch_sizes=4 scale_step=plain,fast,bf16 threads=1   # fast paths
     python -m bench.generate --help
 
 Weights are random (speed does not depend on them); the tokenizer is a throwaway BPE trained in a second.
@@ -13,6 +14,13 @@ time of one batched call (prompt to PIL-free images), ``img/s`` = batch / latenc
 scales / VAR / VQ decode) comes from one extra call with a device sync around every part, so it is exact per
 part but does not add up to the unsynchronised latency. ``precision``: 32 (fp32), bf16-mixed / fp16-mixed
 (autocast over fp32 weights, as VAR's own benchmark), bf16-true (weights cast to bf16).
+``scale_step`` (class-conditional part): the scale step's fast paths to compare, timed interleaved (one call of
+each per round, medians over ``repeats`` rounds): plain (every fast path off: the code before them), fast (the
+defaults: the exact ones), filter (+ the sort-free top-k/top-p), and on top of filter: bf16, compile,
+bf16-compile, cudagraphs (compile mode reduce-overhead), bf16-cudagraphs. ``x first``
+is the speed-up over the first listed; ``same codes %`` the share of its codes equal to the first one's (same
+seeds; with ``top_k=1`` the greedy agreement, e.g. of bf16 with fp32);
+``first s`` is the first call, compilation included.
 Official VAR code on an H200 (random weights, autocast, KV cache), the bar of issue 5 for ``var=d16`` / ``d30``:
 d16 6.6 img/s at batch 1 (152 ms), 146 img/s at batch 64; d30 4.2 img/s at batch 1, 58.8 img/s at batch 64.
 """
@@ -41,6 +49,7 @@ from bench.common import (
 from vargpt.data.tokenizer import train_world_tokenizer
 from vargpt.inference import GenerationStats, generate
 from vargpt.model import build_var, build_vqvae
+from vargpt.model.scale_step import ScaleStepOptions
 from vargpt.model.vargpt import build_vargpt
 
 DEFAULTS: dict[str, Any] = {
@@ -53,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "cfg": 1.5,
     "top_k": 900,
     "top_p": 0.96,
+    "scale_step": ["fast"],  # class-conditional scale-step variants, see SCALE_STEPS
     "text_tokens": 32,  # greedy tokens per sample in the text benchmark
     "prompt": "Draw a red circle on a white background.",
     "device": "auto",
@@ -67,6 +77,16 @@ PRECISIONS = {
     "bf16-mixed": (torch.float32, torch.bfloat16),
     "fp16-mixed": (torch.float32, torch.float16),
     "bf16-true": (torch.bfloat16, None),
+}
+SCALE_STEPS = {
+    "plain": ScaleStepOptions.plain(),
+    "fast": ScaleStepOptions(),
+    "filter": ScaleStepOptions(fast_filter=True),
+    "bf16": ScaleStepOptions(fast_filter=True, bf16=True),
+    "compile": ScaleStepOptions(fast_filter=True, compile="default"),
+    "bf16-compile": ScaleStepOptions(fast_filter=True, bf16=True, compile="default"),
+    "cudagraphs": ScaleStepOptions(fast_filter=True, compile="reduce-overhead"),
+    "bf16-cudagraphs": ScaleStepOptions(fast_filter=True, bf16=True, compile="reduce-overhead"),
 }
 TOKENIZER_TEXTS = [
     "A chat between a curious user and an artificial intelligence assistant.",
@@ -164,8 +184,13 @@ def bench_text(model, args: dict[str, Any], device: torch.device, amp: torch.dty
 
 
 def bench_class_conditional(model, args: dict[str, Any], device: torch.device, weights, amp) -> None:
-    """``VAR.sample`` (VAR's autoregressive_infer_cfg) then ``codes_to_img``, as VAR's own benchmark times it."""
+    """``VAR.sample`` (VAR's autoregressive_infer_cfg) then ``codes_to_img``, as VAR's own benchmark times it, for
+    every ``scale_step`` variant, interleaved."""
     spec = str(args["var"])
+    variants = args["scale_step"] if isinstance(args["scale_step"], list) else [args["scale_step"]]
+    unknown = sorted(set(variants) - set(SCALE_STEPS))
+    if unknown:
+        raise SystemExit(f"scale_step: unknown {unknown}; known: {', '.join(SCALE_STEPS)}")
     if spec == "model":
         var, vq, label, what = model.vargpt_gen, model.vae_local, model.gen_label, f"VAR of {args['model']}"
     else:
@@ -179,34 +204,61 @@ def bench_class_conditional(model, args: dict[str, Any], device: torch.device, w
     for B in args["batch_sizes"]:
         labels = torch.full((B,), label, dtype=torch.long, device=device)
         seeds = [args["seed"] + i for i in range(B)]
-        state: dict[str, Any] = {}
+        codes: dict[str, list[torch.Tensor]] = {}
 
-        def sample(labels=labels, seeds=seeds, state=state):
+        def sample(name: str, labels=labels, seeds=seeds, codes=codes) -> None:
             with torch.no_grad(), autocast(device, amp):
-                state["codes"] = var.sample(
-                    labels, cfg=args["cfg"], top_k=args["top_k"], top_p=args["top_p"], seeds=seeds, vqvae=vq
-                )
+                codes[name] = var.sample(
+                    labels, cfg=args["cfg"], top_k=args["top_k"], top_p=args["top_p"], seeds=seeds, vqvae=vq,
+                    options=SCALE_STEPS[name],
+                )  # fmt: skip
 
-        def decode(state=state):
+        def decode(codes=codes, first=variants[0]) -> None:
             with torch.no_grad(), autocast(device, amp):
-                vq.codes_to_img(state["codes"])
+                vq.codes_to_img(codes[first])
 
-        t_sample = median(timed(sample, device, args["warmup"], args["repeats"]))
+        first_s = {name: timed(lambda name=name: sample(name), device, 0, 1)[0] for name in variants}
+        for _ in range(int(args["warmup"]) - 1):  # the first call above was the first warm-up call
+            for name in variants:
+                sample(name)
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(int(args["repeats"])):  # interleaved rounds: A, B, A, B on a shared machine
+            for name in variants:
+                times[name] += timed(lambda name=name: sample(name), device, 0, 1)
         t_decode = median(timed(decode, device, 1, args["repeats"]))
-        total = t_sample + t_decode
-        row = {
-            "batch": B,
-            "latency_ms": total * 1e3,
-            "img_s": B / total,
-            "sample_ms": t_sample * 1e3,
-            "vq_decode_ms": t_decode * 1e3,
-        }
-        write_json(args["json"], {"bench": "generate_var", "var": spec, **row, **_setting(args)})
-        rows.append([_fmt(v) for v in row.values()])
+        ref = median(times[variants[0]])
+        for name in variants:
+            t_sample = median(times[name])
+            same = torch.cat(codes[name], 1).eq(torch.cat(codes[variants[0]], 1)).float().mean().item()
+            row = {
+                "batch": B,
+                "scale_step": name,
+                "latency_ms": (t_sample + t_decode) * 1e3,
+                "img_s": B / (t_sample + t_decode),
+                "sample_ms": t_sample * 1e3,
+                "min_sample_ms": min(times[name]) * 1e3,
+                "x_first": ref / t_sample,
+                "same_codes_pct": 100 * same,
+                "first_s": first_s[name],
+                "vq_decode_ms": t_decode * 1e3,
+            }
+            write_json(args["json"], {"bench": "generate_var", "var": spec, **row, **_setting(args)})
+            rows.append([_fmt(v) for v in row.values()])
     print_table(
         f"class-conditional {what}: precision {args['precision']}, cfg={args['cfg']}, top_k={args['top_k']}, "
-        f"top_p={args['top_p']}; VAR.sample + codes_to_img",
-        ["batch", "latency ms", "img/s", "sample ms", "VQ dec ms"],
+        f"top_p={args['top_p']}, threads {torch.get_num_threads()}; VAR.sample + codes_to_img",
+        [
+            "batch",
+            "scale step",
+            "latency ms",
+            "img/s",
+            "sample ms",
+            "min ms",
+            "x first",
+            "same codes %",
+            "first s",
+            "VQ dec ms",
+        ],
         rows,
     )
 

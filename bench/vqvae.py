@@ -12,7 +12,9 @@ vqvae section), or a comma list. Default batch sizes 1,8,32; on a CPU the ch160 
 encode = ``img_to_codes`` (encoder, quant_conv, the 10-scale residual quantiser): what a training step runs on
 every generation target unless the data serves precomputed codes. It always runs in fp32 (the model forces
 it: codes must not depend on the compute dtype). decode = ``codes_to_img`` (codes -> f_hat -> post_quant_conv
--> decoder), which generation runs once per image; ``precision=bf16-mixed`` autocasts it. Figures are medians
+-> decoder), which generation runs once per image, through ``decode=``'s paths: ``fast`` (the defaults of
+``vargpt.model.vqvae.DecodeOptions``: channels-last, upsample convs by output phase) or ``plain`` (every fast path
+off; ``python -m bench.fast_paths`` times the two in turns); ``precision=bf16-mixed`` autocasts it. Figures are medians
 of ``repeats`` timed calls after ``warmup``; GFLOP/img is torch's FlopCounterMode count (convolutions and
 matmuls) of one image, TFLOP/s = GFLOP/img x img/s. ``json=PATH`` appends one JSON line per row.
 """
@@ -38,7 +40,7 @@ from bench.common import (
     write_json,
 )
 from vargpt.model import build_vqvae
-from vargpt.model.vqvae import vqvae_from_config
+from vargpt.model.vqvae import DecodeOptions, vqvae_from_config
 from vargpt.training.flops import measure_flops
 
 DEFAULTS: dict[str, Any] = {
@@ -46,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_sizes": [],  # empty: 1,8,32 (ch160 on a CPU: 1)
     "precision": "32",
     "channels_last": False,
+    "decode": "fast",  # fast | plain: DecodeOptions() or DecodeOptions.plain()
     "device": "auto",
     "warmup": 1,
     "repeats": 3,
@@ -74,6 +77,7 @@ def bench_config(
     vq, what = build(name, device)
     if args["channels_last"]:
         vq = vq.to(memory_format=torch.channels_last)
+    options = DecodeOptions() if args["decode"] == "fast" else DecodeOptions.plain()
     n_params = sum(p.numel() for p in vq.parameters())
     side, L = vq.image_size, vq.schedule.num_tokens
     default_sizes = [1] if device.type == "cpu" and name == "ch160" else [1, 8, 32]
@@ -82,7 +86,7 @@ def bench_config(
     enc_flops = measure_flops(vq.img_to_codes, one)
     one_codes = vq.img_to_codes(one)
     with torch.no_grad():
-        dec_flops = measure_flops(vq.codes_to_img, one_codes)
+        dec_flops = measure_flops(vq.codes_to_img, one_codes, DecodeOptions.plain())
 
     def encode(img: torch.Tensor, state: dict[str, Any]) -> None:
         state["codes"] = vq.img_to_codes(img)
@@ -90,7 +94,7 @@ def bench_config(
     def decode(state: dict[str, Any]) -> None:
         ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
         with torch.no_grad(), ctx:
-            vq.codes_to_img(state["codes"])
+            vq.codes_to_img(state["codes"], options)
 
     for B in sizes:
         img = torch.rand(B, 3, side, side, device=device) * 2 - 1
@@ -124,6 +128,7 @@ def bench_config(
                 device=device_name(device),
                 precision=args["precision"],
                 channels_last=args["channels_last"],
+                decode=args["decode"],
                 params=n_params,
                 env=environment(),
             ),
@@ -158,13 +163,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     amp = args["precision"] == "bf16-mixed"
     if args["precision"] not in ("32", "bf16-mixed"):
         raise SystemExit(f"precision={args['precision']!r}: 32 | bf16-mixed")
+    if args["decode"] not in ("fast", "plain"):
+        raise SystemExit(f"decode={args['decode']!r}: fast | plain")
     print(f"device: {device_name(device)}; {environment()}")
     rows, results = [], []
     for name in configs:
         rows += bench_config(str(name), args, device, amp, results)
     print_table(
         f"VQ-VAE encode (img_to_codes, fp32) / decode (codes_to_img, {args['precision']}) on {device_name(device)}, "
-        f"channels_last={args['channels_last']}, medians of {args['repeats']} after {args['warmup']} warm-up",
+        f"channels_last={args['channels_last']}, decode={args['decode']}, "
+        f"medians of {args['repeats']} after {args['warmup']} warm-up",
         [
             "config",
             "batch",

@@ -71,6 +71,7 @@ def test_a_good_dtype_reads_as_its_bare_name(name):
 
 def test_the_typed_eval_config_keeps_the_output_folder_names():
     """The run folder hashes the composed values (conf/eval.yaml ``run_name``): typing them must not move it.
-    The expected names were composed before the schema existed."""
-    assert compose_app("eval", [])["run_name"] == "eval-30293de7"
-    assert compose_app("eval", ["sampling=greedy", "ckpt=/a/b"])["run_name"] == "eval-a5c09f14"
+    The expected names were composed before the schema existed, then again once the sampling config gained its
+    speed switches (issue 19: they can change the predictions, so they are part of the key)."""
+    assert compose_app("eval", [])["run_name"] == "eval-5083025d"
+    assert compose_app("eval", ["sampling=greedy", "ckpt=/a/b"])["run_name"] == "eval-080679b2"

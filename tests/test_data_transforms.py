@@ -105,11 +105,11 @@ def test_data_config_und_max_pixels_default_check_and_data_module():
     img = noise_image(200, 100)  # 20000 pixels
     for train in (True, False):  # LLaMA-Factory's evaluation split goes through the same plugin
         dm = VARGPTDataModule(DataConfig(und_max_pixels=5000), ModelInputs.of(TINY_MODEL), world_tokenizer())
-        x = dm._processor(train=train).und_transform(img)
+        x = dm.processor(train=train).und_transform(img)
         assert torch.equal(x, processed(TINY_SIZE, CapPixels(5000)(img)))
         assert not torch.equal(x, processed(TINY_SIZE, img))
     dm = VARGPTDataModule(DataConfig(und_max_pixels=None), ModelInputs.of(TINY_MODEL), world_tokenizer())
-    assert torch.equal(dm._processor(train=True).und_transform(img), processed(TINY_SIZE, img))
+    assert torch.equal(dm.processor(train=True).und_transform(img), processed(TINY_SIZE, img))
 
 
 def test_var_transform_range_crop_and_determinism_in_eval():

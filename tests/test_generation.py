@@ -19,6 +19,7 @@ from vargpt.config import register_configs
 from vargpt.data.chat import tokenize_conversation
 from vargpt.data.tokenizer import train_world_tokenizer
 from vargpt.inference import GenerationStats, generate
+from vargpt.inference.fast_paths import FastPaths
 from vargpt.model import build_vargpt, load_model_config
 from vargpt.model.sampling import cfg_ratio
 from vargpt.model.sampling_config import SamplingConfig
@@ -580,3 +581,22 @@ def test_an_input_path_that_is_not_an_image_is_named(model, tmp_path):
     path.write_bytes(b"plain text, not pixels")
     with pytest.raises(ValueError, match=f"{path}: not an image PIL can read"):
         generate(model, ["<image>\nWhat is it?"], images=[[str(path)]])
+
+
+@pytest.mark.parametrize("uncond", ["release", "null_prompt"])
+def test_fast_paths_give_the_plain_paths_greedy_output(model, uncond):
+    """The decoder's default fast paths (VQ-VAE decode, scale step, LLM masks) change no greedy token or code."""
+    sampling = dict(max_new_tokens=6, uncond=uncond, top_k=1)
+    forced = [True, False, True]
+
+    def run(fast_paths):
+        return generate(model, PROMPTS, sampling=sampling, force_image=forced, return_pil=False, fast_paths=fast_paths)
+
+    plain, fast = run(FastPaths.plain()), run(None)
+    for p, f in zip(plain, fast, strict=True):
+        assert f.token_ids == p.token_ids
+        assert len(f.image_codes) == len(p.image_codes)
+        for codes_p, codes_f in zip(p.image_codes, f.image_codes, strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(codes_p, codes_f, strict=True))
+        for img_p, img_f in zip(p.image_tensors, f.image_tensors, strict=True):
+            assert (img_f - img_p).abs().max().item() < 1e-4  # [0, 1] images: far inside 1/255

@@ -278,10 +278,10 @@ def test_sample_greedy_deterministic_shapes_and_one_decode_per_scale(monkeypatch
     calls: list[int] = []
     decode = var.decode
 
-    def counting_decode(x_BlC, cond_BD, attn_bias=None, cache=None):
+    def counting_decode(x_BlC, cond_BD, attn_bias=None, cache=None, ada=None):
         assert attn_bias is None and cache is not None and x_BlC.shape[0] == 2 * 3  # doubled for CFG
         calls.append(x_BlC.shape[1])
-        return decode(x_BlC, cond_BD, attn_bias=attn_bias, cache=cache)
+        return decode(x_BlC, cond_BD, attn_bias=attn_bias, cache=cache, ada=ada)
 
     monkeypatch.setattr(var, "decode", counting_decode)
     codes = var.sample([0, 3, 4], top_k=1, seeds=[0, 1, 2])

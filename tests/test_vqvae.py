@@ -25,13 +25,8 @@ TINY = dict(
 TINY_SIDE = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Debug-size ops are too small to split; extra threads only spin when the CPUs are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Debug-size ops are too small to split; extra threads only spin when the CPUs are shared.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vqvae(seed: int = 0, **overrides) -> VQVAE:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import logging
 import sys
@@ -39,7 +40,16 @@ from vargpt.data.records import (
     check_pair,
     check_record,
 )
-from vargpt.data.shards import FORMAT, MANIFEST_NAME, ShardWriter, sample_members, write_json_atomic
+from vargpt.data.shards import (
+    FORMAT,
+    MANIFEST_NAME,
+    ShardWriter,
+    iter_raw_samples,
+    read_manifest,
+    sample_members,
+    shard_list,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +196,51 @@ class Converter:
 
     def to_sample(self, index: int, entry: Any) -> ConvertedSample:
         raise NotImplementedError
+
+
+@dataclass
+class SourceRewriter(Converter):
+    """An existing shard source re-written sample by sample (precomputed codes, reference log-probs): one part per
+    input shard, read in order in chunks of ``batch_size`` raw samples (subclasses declare it), each chunk turned
+    into entries ``(raw sample, what was computed)`` or InvalidSampleErrors by :meth:`process_chunk` (one model
+    call per chunk)."""
+
+    input_dir: Path
+
+    def __post_init__(self) -> None:
+        self.source = read_manifest(self.input_dir)["source"]
+
+    def input_fingerprint(self) -> dict[str, Any]:
+        """The input source's folder and its shards' names and sha256 (part of :meth:`fingerprint`)."""
+        shards = [(s["name"], s["sha256"]) for s in read_manifest(self.input_dir)["shards"]]
+        return {"input": str(Path(self.input_dir).resolve()), "shards": shards}
+
+    def parts(self, part_size: int, limit: int | None) -> Iterator[Part]:
+        """One part per input shard (``part_size`` does not apply), up to ``limit`` samples in all."""
+        first = 0
+        for index, (path, count) in enumerate(shard_list(self.input_dir)):
+            count = count if limit is None else min(count, limit - first)
+            if count <= 0:
+                return
+            yield Part(index, first, count, path)
+            first += count
+
+    def entries(self, part: Part) -> Iterator[tuple[int, Any]]:
+        raws = itertools.islice(iter_raw_samples([part.payload]), part.count)
+        index = part.first
+        while chunk := list(itertools.islice(raws, self.batch_size)):
+            yield from enumerate(self.process_chunk(chunk), index)
+            index += len(chunk)
+
+    def process_chunk(self, samples: list[dict[str, Any]]) -> list[Any]:
+        """One entry per raw sample, in order: ``(raw, computed)`` or the sample's InvalidSampleError."""
+        raise NotImplementedError
+
+    def sample_key(self, index: int, entry: Any) -> str:
+        return entry[0]["__key__"]
+
+    def entry_id(self, index: int, entry: Any) -> str:
+        return entry[0]["__key__"] if isinstance(entry, tuple) else f"#{index}"
 
 
 def chunk_parts(entries: Iterable[Any], part_size: int, limit: int | None) -> Iterator[Part]:

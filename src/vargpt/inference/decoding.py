@@ -19,7 +19,8 @@ Decoding:
   (their cache rows get masked holes, no compute); finished rows (eos, stop string, ``max_new_tokens``) are
   dropped from the caches, and columns masked for every remaining row are cut;
 * every sample has its own ``torch.Generator`` (seed + i), used only for its own draws, so a batched call
-  gives the same result as one call per sample.
+  gives the same result as one call per sample;
+* the speed switches are one :class:`vargpt.inference.fast_paths.FastPaths` (``fast_paths=``; all off: the plain path).
 
 The unconditional CFG branch is configurable (``SamplingConfig.uncond``): ``release`` reproduces the released
 inference (N(0, I) noise in place of the LLM hidden states, null class row for both halves), ``null_prompt``
@@ -42,14 +43,22 @@ import inspect
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from vargpt.inference.kv_cache import LLMState, cache_kv, cache_merge_rows, cat_states, make_cache, new_cache
-from vargpt.inference.outputs import GenerationOutput, GenerationStats, tensor_to_pil
+from vargpt.inference.fast_paths import FastPaths
+from vargpt.inference.kv_cache import (
+    LLMState,
+    attention_mask_4d,
+    cache_kv,
+    cache_merge_rows,
+    cat_states,
+    make_cache,
+    new_cache,
+)
+from vargpt.inference.outputs import GenerationOutput, GenerationStats, ReplyProgress, tensor_to_pil
 from vargpt.inference.processor import PROMPT_FORMATS, Prompt, as_conversations, null_prompt_ids, prepare_prompt
 from vargpt.model.sampling import cfg_ratio, filter_top_k_top_p, inverse_cdf
 from vargpt.model.sampling_config import SamplingConfig
@@ -77,6 +86,7 @@ def generate(
     stats: GenerationStats | None = None,
     prompt_format: str = "training",
     past_max_positions: bool = False,
+    fast_paths: FastPaths | None = None,
 ) -> list[GenerationOutput]:
     """Generate the assistant's reply (text and images) for every conversation of a batch.
 
@@ -107,6 +117,7 @@ def generate(
         past_max_positions: run past the LLM's ``max_position_embeddings`` as transformers' ``generate`` (and so
             lmms-eval) does, rotary positions extrapolating: a longer prompt is run, not refused, and a reply is
             not ended at the limit. False: a longer prompt raises and a reply ends ("length") at the limit.
+        fast_paths: the decoder's speed switches (:class:`FastPaths`; None: those ``sampling`` asks for).
 
     Returns:
         One :class:`GenerationOutput` per conversation, in order.
@@ -144,6 +155,7 @@ def generate(
             return_image_logits=return_image_logits,
             system=system,
             past_max_positions=past_max_positions,
+            fast_paths=FastPaths.of(cfg) if fast_paths is None else fast_paths,
         )
         t0 = time.perf_counter()
         outputs = decoder.run(prompts, forced)
@@ -157,7 +169,10 @@ def generate(
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode for the call (no DropPath, no label dropout), then every sub-module's own mode back."""
-    modes = [(m, m.training) for m in model.modules()]
+    modes = [(m, m.training) for m in model.modules() if m.training]
+    if not modes:  # already in eval mode (eval, bench): nothing to switch or restore
+        yield
+        return
     model.eval()
     try:
         yield
@@ -173,24 +188,6 @@ def _per_sample(value: bool | Sequence[bool], n: int, name: str) -> list[bool]:
     if len(values) != n:
         raise ValueError(f"{name}: got {len(values)} values for {n} conversations")
     return values
-
-
-@dataclass
-class _Reply:
-    """Per-sample progress."""
-
-    seed: int
-    generator: torch.Generator
-    forced_codes: list[torch.Tensor] | None = None
-    token_ids: list[int] = field(default_factory=list)
-    segment_ids: list[int] = field(default_factory=list)  # text ids since the last image
-    segments: list[str] = field(default_factory=list)
-    stop_text: str | None = None  # the current segment cut at a stop string
-    images: list[torch.Tensor] = field(default_factory=list)
-    codes: list[list[torch.Tensor]] = field(default_factory=list)
-    logits: list[list[torch.Tensor]] = field(default_factory=list)
-    steps: int = 0
-    finish: str | None = None
 
 
 class _MixedModalDecoder:
@@ -209,6 +206,7 @@ class _MixedModalDecoder:
         return_image_logits: bool,
         system: str | None,
         past_max_positions: bool,
+        fast_paths: FastPaths,
     ) -> None:
         self.model, self.tokenizer, self.cfg, self.stats = model, tokenizer, cfg, stats
         self.ids = model.ids
@@ -226,6 +224,8 @@ class _MixedModalDecoder:
         self.logits_processor = logits_processor
         self.return_image_logits = return_image_logits
         self.system = system
+        self.fast = fast_paths
+        self._mask_4d = fast_paths.llm_mask_4d and model.language_model.config._attn_implementation == "sdpa"
         self._cache_kw = "cache" if "cache" in inspect.signature(self.llm.forward).parameters else "past_key_values"
         self._null_state: LLMState | None = None
         self.replies = []
@@ -234,7 +234,7 @@ class _MixedModalDecoder:
             forced = None if image_codes is None or image_codes[i] is None else list(image_codes[i])
             if forced is not None and len(forced) != self.K:
                 raise ValueError(f"image_codes[{i}] has {len(forced)} scales, the model has {self.K}")
-            self.replies.append(_Reply(seed=seed, generator=g, forced_codes=forced))
+            self.replies.append(ReplyProgress(seed=seed, generator=g, forced_codes=forced))
         # Never valid output: image-slot tokens, padding, and the embedding's padded rows past the tokenizer.
         never = {self.ids.image, self.ids.gen_pad, self.ids.gen_end, self.ids.pad} - {self.ids.eos}
         self.never_V = torch.zeros(self.lm_head.out_features, dtype=torch.bool, device=self.device)
@@ -249,7 +249,7 @@ class _MixedModalDecoder:
         pos_Bq = state.pos[:, None] + torch.arange(q, device=self.device)
         out = self.llm(
             inputs_embeds=embeds_BqH,
-            attention_mask=mask,
+            attention_mask=attention_mask_4d(mask, q) if self._mask_4d else mask,
             position_ids=pos_Bq,
             use_cache=True,
             **{self._cache_kw: state.cache},
@@ -399,8 +399,9 @@ class _MixedModalDecoder:
         chunk_RlH = torch.cat((start_R1H, first_R1H), dim=1)  # the start token rides with scale 0
 
         generators = [self.replies[r].generator for r in samples]
+        ratios = self.ratios if self.guided else None
         sampler = ScaleSampler(
-            var, self.vq, self.ratios if self.guided else None, self.cfg.top_k, self.cfg.top_p, generators
+            var, self.vq, ratios, self.cfg.top_k, self.cfg.top_p, generators, options=self.fast.scale_step
         )
         codes_k: list[torch.Tensor] = []
         logits_k: list[torch.Tensor] = []
@@ -429,7 +430,8 @@ class _MixedModalDecoder:
         f_hat = sampler.f_hat
         with stats.timer("decode_s", self.device):
             dtype = self.vq.post_quant_conv.weight.dtype
-            imgs = ((self.vq.fhat_to_img(f_hat.to(dtype)).float() + 1) / 2).clamp(0, 1).cpu()
+            img_B3HW = self.vq.fhat_to_img(f_hat.to(dtype), self.fast.vq_decode)
+            imgs = ((img_B3HW.float() + 1) / 2).clamp(0, 1).cpu()
         codes_cpu = [c.cpu() for c in codes_k]
         for i, r in enumerate(samples):
             reply = self.replies[r]
@@ -481,7 +483,7 @@ class _MixedModalDecoder:
                 tokens = self._pick_tokens(self.lm_head(h[:, -1]).float(), rows, state.pos)
         return [self._finish(reply, prompt.ids) for reply, prompt in zip(self.replies, prompts, strict=True)]
 
-    def _finish(self, reply: _Reply, prompt_ids: list[int]) -> GenerationOutput:
+    def _finish(self, reply: ReplyProgress, prompt_ids: list[int]) -> GenerationOutput:
         last = reply.stop_text if reply.stop_text is not None else self._decode_text(reply.segment_ids)
         segments = [*reply.segments, last]
         return GenerationOutput(

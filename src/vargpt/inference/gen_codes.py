@@ -20,10 +20,8 @@ against the model's config and ``data.gen_resize_ratio``.
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,17 +31,14 @@ import torch
 from vargpt.checkpoint.io import state_sha256
 from vargpt.checkpoint.load import load_weights
 from vargpt.checkpoint.released import folder_model_config
-from vargpt.data.datasets_to_shards import ConvertedSample, Converter, Part
+from vargpt.data.datasets_to_shards import ConvertedSample, SourceRewriter
 from vargpt.data.records import IMAGE_UNREADABLE, InvalidSampleError
 from vargpt.data.shards import (
     GEN_CODES,
     codes_member,
     encode_codes,
     gen_image_names,
-    iter_raw_samples,
     parse_sample,
-    read_manifest,
-    shard_list,
 )
 from vargpt.data.transforms import VAR_RESIZE_RATIO, decode_image, var_transform
 from vargpt.model.config import load_model_config
@@ -79,22 +74,10 @@ def vqvae_identity(weights: str, model_config: str | None) -> dict[str, Any]:
     }
 
 
-def shard_parts(input_dir: Path, limit: int | None) -> Iterator[Part]:
-    """One conversion part per shard of an existing source, in order, up to ``limit`` samples in all."""
-    first = 0
-    for index, (path, count) in enumerate(shard_list(input_dir)):
-        count = count if limit is None else min(count, limit - first)
-        if count <= 0:
-            return
-        yield Part(index, first, count, path)
-        first += count
-
-
 @dataclass
-class GenCodesConverter(Converter):
+class GenCodesConverter(SourceRewriter):
     """An existing shard source -> the same samples with their generation targets' codes (see the module doc)."""
 
-    input_dir: Path
     weights: str
     # conf/model YAML of the VQ-VAE; None: the weights folder's model_config.yaml / config.json.
     model_config: str | None = None
@@ -105,9 +88,6 @@ class GenCodesConverter(Converter):
     device: str = "cpu"
     # Targets' shortest side is resized to resize_ratio x R before the centre crop (data.gen_resize_ratio).
     resize_ratio: float = VAR_RESIZE_RATIO
-
-    def __post_init__(self) -> None:
-        self.source = read_manifest(self.input_dir)["source"]
 
     def codes_info(self) -> dict[str, Any]:
         """The manifest's ``gen_codes`` block."""
@@ -120,25 +100,12 @@ class GenCodesConverter(Converter):
         }
 
     def fingerprint(self) -> dict[str, Any]:
-        shards = [(s["name"], s["sha256"]) for s in read_manifest(self.input_dir)["shards"]]
-        return {"kind": GEN_CODES, "input": str(Path(self.input_dir).resolve()), "shards": shards, **self.codes_info()}
+        return {"kind": GEN_CODES, **self.input_fingerprint(), **self.codes_info()}
 
     def manifest_extra(self) -> dict[str, Any]:
         return {GEN_CODES: {**self.codes_info(), "input": str(Path(self.input_dir).resolve())}}
 
-    def parts(self, part_size: int, limit: int | None) -> Iterator[Part]:
-        """One part per input shard (``part_size`` does not apply)."""
-        return shard_parts(self.input_dir, limit)
-
-    def entries(self, part: Part) -> Iterator[tuple[int, Any]]:
-        """``(index, (raw sample, {generation image name: codes (L,)}))`` or an InvalidSampleError, in shard order."""
-        raws = itertools.islice(iter_raw_samples([part.payload]), part.count)
-        index = part.first
-        while chunk := list(itertools.islice(raws, self.batch_size)):
-            yield from enumerate(self._encode(chunk), index)
-            index += len(chunk)
-
-    def _encode(self, samples: list[dict[str, Any]]) -> list[Any]:
+    def process_chunk(self, samples: list[dict[str, Any]]) -> list[Any]:
         """Each sample with the codes of its generation images (one VQ-VAE call for the lot), or its error."""
         vqvae = load_vqvae(self.weights, self.model_config, self.device)
         transform = var_transform(vqvae.image_size, train=False, resize_ratio=self.resize_ratio)
@@ -167,12 +134,6 @@ class GenCodesConverter(Converter):
                 codes_NL = torch.cat(vqvae.img_to_codes(torch.stack(pixels_N3RR).to(self.device)), 1).cpu().numpy()
         rows = iter(codes_NL)
         return [e if isinstance(e, InvalidSampleError) else (e[0], {n: next(rows) for n in e[1]}) for e in out]
-
-    def sample_key(self, index: int, entry: Any) -> str:
-        return entry[0]["__key__"]
-
-    def entry_id(self, index: int, entry: Any) -> str:
-        return entry[0]["__key__"] if isinstance(entry, tuple) else f"#{index}"
 
     def to_sample(self, index: int, entry: Any) -> ConvertedSample:
         if isinstance(entry, InvalidSampleError):

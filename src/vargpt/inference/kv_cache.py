@@ -83,6 +83,15 @@ def cache_merge_rows(full: Any, sub: Any, rows: torch.Tensor) -> Any:
     return make_cache(kv)
 
 
+def attention_mask_4d(mask_BT: torch.Tensor, q: int) -> torch.Tensor:
+    """The (B, 1, q, T) boolean SDPA mask of ``q`` new tokens, the last ``q`` of the T columns of ``mask_BT``:
+    query i sees the real tokens (mask 1) up to its own column. It is what transformers builds from the 2D mask
+    (a 4D mask is taken as it is), without its per-call mask functions."""
+    T = mask_BT.shape[1]
+    causal_qT = torch.ones(q, T, dtype=torch.bool, device=mask_BT.device).tril(T - q)
+    return mask_BT.bool()[:, None, None, :] & causal_qT
+
+
 @dataclass
 class LLMState:
     """LLM cache of a set of rows: the 2D attention mask over its columns and each row's next position."""

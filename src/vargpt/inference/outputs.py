@@ -1,5 +1,5 @@
-"""What ``vargpt.inference.generate`` returns and counts: one :class:`GenerationOutput` per reply, the call's
-:class:`GenerationStats`, and the conversion of a generated image tensor to PIL."""
+"""What ``vargpt.inference.generate`` returns and counts: one :class:`GenerationOutput` per reply (built from the
+decoder's :class:`ReplyProgress`), the call's :class:`GenerationStats`, and a generated image tensor to PIL."""
 
 from __future__ import annotations
 
@@ -27,6 +27,24 @@ class GenerationOutput:
     seed: int
     prompt_ids: list[int] = field(default_factory=list)  # the prompt as fed (image blocks expanded)
     image_logits: list[list[torch.Tensor]] | None = None  # per image, per scale (p_k^2, V) guided logits
+
+
+@dataclass
+class ReplyProgress:
+    """Per-sample progress of a ``generate`` call (the decoder's, turned into a :class:`GenerationOutput`)."""
+
+    seed: int
+    generator: torch.Generator
+    forced_codes: list[torch.Tensor] | None = None
+    token_ids: list[int] = field(default_factory=list)
+    segment_ids: list[int] = field(default_factory=list)  # text ids since the last image
+    segments: list[str] = field(default_factory=list)
+    stop_text: str | None = None  # the current segment cut at a stop string
+    images: list[torch.Tensor] = field(default_factory=list)
+    codes: list[list[torch.Tensor]] = field(default_factory=list)
+    logits: list[list[torch.Tensor]] = field(default_factory=list)
+    steps: int = 0
+    finish: str | None = None
 
 
 @dataclass

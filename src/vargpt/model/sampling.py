@@ -38,8 +38,8 @@ def filter_top_k_top_p(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 
     token always survives. ``top_k <= 0`` / ``top_p <= 0`` switch a filter off.
     """
     V = logits_BlV.shape[-1]
-    if top_k > 0:
-        kth_largest_Bl1 = logits_BlV.topk(min(top_k, V), dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    if 0 < top_k < V:  # top_k >= V keeps everything: no top-k pass (the tiny config's V = 512 < 900)
+        kth_largest_Bl1 = logits_BlV.topk(top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
         logits_BlV = logits_BlV.masked_fill(logits_BlV < kth_largest_Bl1, float("-inf"))
     if top_p > 0:
         sorted_BlV, sorted_idx_BlV = logits_BlV.sort(dim=-1, descending=False)
@@ -48,6 +48,32 @@ def filter_top_k_top_p(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 
         remove_BlV = sorted_remove_BlV.scatter(-1, sorted_idx_BlV, sorted_remove_BlV)
         logits_BlV = logits_BlV.masked_fill(remove_BlV, float("-inf"))
     return logits_BlV
+
+
+def filter_top_k_top_p_fast(logits_BlV: torch.Tensor, top_k: int, top_p: float = 0.0) -> torch.Tensor:
+    """:func:`filter_top_k_top_p` without sorting the whole vocabulary: ``topk(k, sorted=True)``, then top-p over
+    the k survivors. The same kept set, hence the same codes, except on exact ties: of the k-th logit (both keep
+    every tie, but the top-p mass here counts k of them, so the top-p cut may fall elsewhere) or at the top-p cut
+    (this keeps every logit equal to the last kept one, the sort-based filter may drop some of them).
+
+    The top-p cumulative mass is computed over the same full-width row as the full filter (the V - k filtered
+    tokens as -inf, holding exactly 0 mass, ahead of the survivors in ascending order), so the softmax sums in
+    the same order and the cut falls on the same token bit for bit. Needs ``0 < top_k < V``.
+    """
+    V = logits_BlV.shape[-1]
+    if not 0 < top_k < V:
+        raise ValueError(f"the fast filter needs 0 < top_k < V = {V}, got top_k={top_k}")
+    top_BlK = logits_BlV.topk(top_k, dim=-1, sorted=True).values  # descending
+    threshold_Bl1 = top_BlK[..., -1:]
+    if top_p > 0:
+        ascending_BlK = top_BlK.flip(-1)
+        removed_Blr = ascending_BlK.new_full((*top_BlK.shape[:-1], V - top_k), float("-inf"))
+        filtered_BlV = torch.cat((removed_Blr, ascending_BlK), dim=-1)
+        cum_BlK = filtered_BlV.softmax(dim=-1)[..., V - top_k :].cumsum(dim=-1)
+        # The removed tokens are a prefix of the ascending order (the mass only grows); the argmax always stays.
+        removed_Bl1 = (cum_BlK[..., :-1] <= 1 - top_p).sum(dim=-1, keepdim=True)
+        threshold_Bl1 = ascending_BlK.gather(-1, removed_Bl1)
+    return logits_BlV.masked_fill(logits_BlV < threshold_Bl1, float("-inf"))
 
 
 def inverse_cdf(probs_BlV: torch.Tensor, u_Bl: torch.Tensor) -> torch.Tensor:
@@ -59,17 +85,24 @@ def inverse_cdf(probs_BlV: torch.Tensor, u_Bl: torch.Tensor) -> torch.Tensor:
 
 
 def pick_codes(
-    logits_BlV: torch.Tensor, top_k: int, top_p: float, generators: Sequence[torch.Generator]
+    logits_BlV: torch.Tensor,
+    top_k: int,
+    top_p: float,
+    generators: Sequence[torch.Generator],
+    fast_filter: bool = False,
 ) -> torch.Tensor:
     """One code per position of every sample (B, l): the argmax when ``top_k == 1``, else a draw from the top-k /
     top-p filtered softmax by inverse CDF, sample ``i``'s l uniforms from ``generators[i]`` alone.
 
     Per-sample generators make a sample's codes independent of the batch it is drawn in: a seeded batched call
-    gives the codes of one call per sample (VAR drew from one generator shared by the batch).
+    gives the codes of one call per sample (VAR drew from one generator shared by the batch). ``fast_filter``:
+    :func:`filter_top_k_top_p_fast` where it applies (0 < top_k < V), the same codes up to exact ties.
     """
     if top_k == 1:
         return logits_BlV.argmax(-1)
-    probs_BlV = filter_top_k_top_p(logits_BlV, top_k, top_p).softmax(-1)
+    fast = fast_filter and 0 < top_k < logits_BlV.shape[-1]
+    filtered_BlV = (filter_top_k_top_p_fast if fast else filter_top_k_top_p)(logits_BlV, top_k, top_p)
+    probs_BlV = filtered_BlV.softmax(-1)
     l = logits_BlV.shape[1]
     u_Bl = torch.stack([torch.rand(l, generator=g, device=logits_BlV.device) for g in generators])
     return inverse_cdf(probs_BlV, u_Bl)

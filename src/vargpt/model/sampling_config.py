@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from vargpt.model.sampling import CFG_SCHEDULES
+from vargpt.model.scale_step import COMPILE_MODES, ScaleStepOptions
 
 # The unconditional branch of classifier-free guidance for images:
 #   release     - the released VARGPT v1: N(0, I) noise in place of the LLM hidden states and the null class row
@@ -41,6 +42,16 @@ class SamplingConfig:
     top_k: int = 900  # code sampling: keep the top-k logits (0 = off, 1 = greedy)
     top_p: float = 0.96  # code sampling: nucleus mass (0 = off)
     uncond: str = "release"  # release | null_prompt | none, see UNCOND_MODES
+    # ---- the VAR scale step's fast paths (ScaleStepOptions; the ones on by default keep fp32 codes exact)
+    var_cache_adaln: bool = True  # AdaLN modulations once per image, not per scale
+    var_static_cache: bool = True  # preallocated KV cache written in place
+    var_fast_filter: bool = False  # top-k / top-p without a full sort (same codes but on exact fp32 ties)
+    var_bf16: bool = False  # VAR blocks under bf16 autocast (faster; codes differ from fp32's)
+    var_compile: str = "off"  # torch.compile mode of the per-scale decoder, see COMPILE_MODES
+    # ---- the VQ-VAE decoder's and the LLM's fast paths (vargpt.model.vqvae.DecodeOptions, inference.FastPaths)
+    vq_fast: bool = True  # channels-last and the phase-split upsample convs (fp32 rounding of the plain decoder)
+    vq_bf16: bool = False  # bf16 autocast over the decoder (up to ~4/255 off fp32: opt-in)
+    llm_mask_4d: bool = True  # the LLM continuations' attention mask built once here, not by transformers
     # ---- randomness
     seed: int = 0  # sample i of a call gets torch.Generator seeded with seed + i (unless seeds are passed)
 
@@ -58,6 +69,8 @@ class SamplingConfig:
             (self.top_k >= 0, "top_k must be >= 0"),
             (0.0 <= self.top_p <= 1.0, "top_p must be in [0, 1]"),
             (self.uncond in UNCOND_MODES, f"uncond must be one of {', '.join(UNCOND_MODES)}"),
+            (self.var_compile in COMPILE_MODES, f"var_compile must be one of {', '.join(COMPILE_MODES)}"),
+            (self.var_static_cache or self.var_compile == "off", "var_compile needs var_static_cache"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -87,6 +100,16 @@ class SamplingConfig:
         if unknown:
             raise ValueError(f"sampling: unknown key(s) {unknown}; known keys: {sorted(known)}")
         return cls(**values)
+
+    def scale_step_options(self) -> ScaleStepOptions:
+        """The VAR scale step's fast paths these settings ask for (``ScaleSampler(..., options=...)``)."""
+        return ScaleStepOptions(
+            cache_adaln=self.var_cache_adaln,
+            static_cache=self.var_static_cache,
+            fast_filter=self.var_fast_filter,
+            bf16=self.var_bf16,
+            compile=self.var_compile,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -18,19 +18,29 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from vargpt.model.config import ModelConfig
 from vargpt.model.sampling import cfg_ratio
-from vargpt.model.scale_step import NextInputVQVAE, ScaleSampler
+from vargpt.model.scale_step import NextInputVQVAE, ScaleSampler, ScaleStepOptions
 from vargpt.model.scales import VAR_PATCH_NUMS, ScaleSchedule
 from vargpt.model.var_blocks import AdaLNBeforeHead, AdaLNSelfAttn, VARKVCache
 
 
 def _autocast_off(device: torch.device) -> AbstractContextManager:
     return torch.autocast(device_type=device.type, enabled=False)
+
+
+@dataclass
+class AdaLNConditions:
+    """The AdaLN modulations of one condition: per block ada_B16C (``AdaLNSelfAttn.modulation``) and the head's
+    ada_B12C. A generation computes them once (:meth:`VAR.adaln_conditions`) and reuses them at every scale."""
+
+    blocks: list[torch.Tensor]
+    head: torch.Tensor
 
 
 class VAR(nn.Module):
@@ -101,6 +111,8 @@ class VAR(nn.Module):
         self.head = nn.Linear(self.C, self.V)
 
         self._vqvae_proxy: tuple[NextInputVQVAE, ...] = ()
+        # Preallocated KV caches kept across generations (new_kv_cache(reuse=True)), by rows, dtype and device.
+        self._kv_pool: dict[tuple[int, torch.dtype, torch.device], VARKVCache] = {}
         if vqvae is not None:
             self.bind_vqvae(vqvae)
 
@@ -168,23 +180,46 @@ class VAR(nn.Module):
         cond_BD: torch.Tensor,
         attn_bias: torch.Tensor | None = None,
         cache: VARKVCache | None = None,
+        ada: AdaLNConditions | None = None,
     ) -> torch.Tensor:
         """Blocks, then the AdaLN head: fp32 logits_BlV.
 
         ``attn_bias=None`` is no mask: with ``cache`` the current scale sees itself and every cached scale
         (generation). Training passes ``self.attn_bias_for_masking`` (block-causal) over the full L tokens.
+        ``ada``: :meth:`adaln_conditions` of ``cond_BD`` when the caller keeps them; None computes them inside
+        each block (training, whose autograd graph stays as it was).
         """
-        if torch.is_autocast_enabled(x_BlC.device.type):
-            # As VAR: the blocks (residual stream included) run in the autocast dtype.
-            dtype = torch.get_autocast_dtype(x_BlC.device.type)
-            x_BlC, cond_blocks_BD = x_BlC.to(dtype), cond_BD.to(dtype)
-        else:
-            cond_blocks_BD = cond_BD
-        for block in self.blocks:
-            x_BlC = block(x_BlC, cond_blocks_BD, attn_bias=attn_bias, cache=cache)
-        return self.get_logits(x_BlC, cond_BD)
+        x_BlC, cond_blocks_BD = self._blocks_inputs(x_BlC, cond_BD)
+        for i, block in enumerate(self.blocks):
+            ada_B16C = None if ada is None else ada.blocks[i]
+            x_BlC = block(x_BlC, cond_blocks_BD, attn_bias=attn_bias, cache=cache, ada_B16C=ada_B16C)
+        return self.get_logits(x_BlC, cond_BD, None if ada is None else ada.head)
 
-    def get_logits(self, h_BlC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+    def _blocks_inputs(self, x_BlC: torch.Tensor, cond_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As VAR: under autocast the blocks (residual stream included) run in the autocast dtype."""
+        if torch.is_autocast_enabled(x_BlC.device.type):
+            dtype = torch.get_autocast_dtype(x_BlC.device.type)
+            return x_BlC.to(dtype), cond_BD.to(dtype)
+        return x_BlC, cond_BD
+
+    def blocks_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype the blocks compute in: the autocast dtype when autocast is on, else the weights' dtype."""
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.head.weight.dtype
+
+    def adaln_conditions(self, cond_BD: torch.Tensor) -> AdaLNConditions:
+        """Every block's and the head's modulation of ``cond_BD``, in the dtypes ``decode`` computes them in
+        (call under the same autocast state as ``decode``): ``decode(..., ada=...)`` then skips them."""
+        _, cond_blocks_BD = self._blocks_inputs(cond_BD, cond_BD)
+        dtype = self.head.weight.dtype
+        with _autocast_off(cond_BD.device):
+            head_B12C = self.head_nm.modulation(cond_BD.to(dtype))
+        return AdaLNConditions([block.modulation(cond_blocks_BD) for block in self.blocks], head_B12C)
+
+    def get_logits(
+        self, h_BlC: torch.Tensor, cond_BD: torch.Tensor, ada_B12C: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """head(head_nm(h, cond)) in the weights' dtype with autocast off, returned as fp32.
 
         VAR upcasts the head's input and output but leaves autocast on, so its head matmul ran in fp16; here
@@ -192,7 +227,7 @@ class VAR(nn.Module):
         """
         dtype = self.head.weight.dtype
         with _autocast_off(h_BlC.device):
-            return self.head(self.head_nm(h_BlC.to(dtype), cond_BD.to(dtype))).float()
+            return self.head(self.head_nm(h_BlC.to(dtype), cond_BD.to(dtype), ada_B12C)).float()
 
     def forward(self, label_B: torch.Tensor, teacher_input_BlCvae: torch.Tensor) -> torch.Tensor:
         """VAR's teacher-forced forward: logits_BLV (fp32) for all L tokens.
@@ -207,6 +242,24 @@ class VAR(nn.Module):
         return self.decode(x_BLC, cond_BD, attn_bias=self.attn_bias_for_masking)
 
     # ------------------------------------------------------------------ generation
+    def new_kv_cache(self, rows: int, device: torch.device, reuse: bool = False) -> VARKVCache:
+        """An empty preallocated KV cache for ``rows`` rows of one image (capacity L), in the dtype the blocks
+        compute in under the current autocast state.
+
+        ``reuse``: the same buffers as the previous call with these rows, dtype and device (rewound), as CUDA
+        graphs need (their static inputs keep their addresses); only for one generation at a time per VAR.
+        """
+        key = (rows, self.blocks_dtype(device), torch.device(device))
+        if reuse and key in self._kv_pool:
+            cache = self._kv_pool[key]
+            cache.rewind()
+            return cache
+        cache = VARKVCache(capacity=self.L)
+        cache.allocate(len(self.blocks), (rows, self.num_heads, self.C // self.num_heads), key[1], device)
+        if reuse:
+            self._kv_pool[key] = cache
+        return cache
+
     @torch.no_grad()
     def sample(
         self,
@@ -217,6 +270,7 @@ class VAR(nn.Module):
         seeds: Sequence[int] | None = None,
         cfg_schedule: str = "ramp",
         vqvae: NextInputVQVAE | None = None,
+        options: ScaleStepOptions | None = None,
     ) -> list[torch.Tensor]:
         """Class-conditional generation (VAR's ``autoregressive_infer_cfg``); returns K code maps (B, p_k^2).
 
@@ -226,6 +280,7 @@ class VAR(nn.Module):
         loop never reads a tensor value on the host. VAR returns the image and draws every sample's codes from
         one generator seeded with ``g_seed``; here sample i draws from its own generator seeded ``seeds[i]``
         (default: i), as VARGPT's decoder does, so a batched call gives the codes of one call per sample.
+        ``options``: the scale step's fast paths (:class:`ScaleStepOptions`; None: its defaults).
         """
         vq = self.vqvae if vqvae is None else vqvae
         K = self.schedule.num_scales
@@ -237,15 +292,16 @@ class VAR(nn.Module):
         if len(seeds) != B:
             raise ValueError(f"got {len(seeds)} seeds for {B} class labels: pass one seed per sample")
         generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
-        sampler = ScaleSampler(self, vq, ratios, top_k, top_p, generators)
+        sampler = ScaleSampler(self, vq, ratios, top_k, top_p, generators, options=options)
         cond_2BD = self.cond(torch.cat((label_B, torch.full_like(label_B, self.null_class))))
         x_2BlC = self.embed_first_scale(cond_2BD)
         codes: list[torch.Tensor] = []
-        for k in range(K):
-            out = sampler.step(k, x_2BlC, cond_2BD)
-            codes.append(out.codes)
-            if out.next_x is not None:
-                x_2BlC = out.next_x.repeat(2, 1, 1)
+        with sampler.autocast():  # one autocast region: its bf16 weight copies serve all K scales
+            for k in range(K):
+                out = sampler.step(k, x_2BlC, cond_2BD)
+                codes.append(out.codes)
+                if out.next_x is not None:
+                    x_2BlC = out.next_x.repeat(2, 1, 1)
         return codes
 
     # ------------------------------------------------------------------ initialisation

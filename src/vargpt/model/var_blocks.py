@@ -21,20 +21,44 @@ from torch import nn
 class VARKVCache:
     """Keys and values of the scales decoded so far, one ``(k_BHlc, v_BHlc)`` pair per block.
 
-    Filled scale by scale during generation: block ``i`` appends the keys/values of the current scale and
-    attends over everything appended before. Lengths grow by whole scales, so concatenation (10 per image)
-    is cheaper than reasoning about preallocated buffers.
+    Filled scale by scale during generation: block ``i`` writes the keys/values of the current scale and
+    attends over everything written before. Two layouts with identical values:
+
+    - ``capacity=None``: each scale is concatenated to the previous ones (shapes grow; the layout of
+      ``decode(cache=...)`` calls that do not know the image's length);
+    - ``capacity=L``: :meth:`allocate` makes one (B, H, L, c) buffer per block once, every scale is written into
+      it in place and attention reads the filled prefix. No allocation and no copy of older scales per scale,
+      and the buffers keep their addresses, as a CUDA graph of the scale step needs.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = capacity
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.filled: list[int] = []  # tokens written per block (preallocated layout)
 
     def __len__(self) -> int:
         """Tokens cached so far (equal for every block once a scale has passed through all blocks)."""
+        if self.capacity is not None:
+            return self.filled[0] if self.filled else 0
         return self.layers[0][0].shape[2] if self.layers else 0
 
+    def allocate(
+        self, num_blocks: int, shape_BHc: tuple[int, int, int], dtype: torch.dtype, device: torch.device
+    ) -> None:
+        """Make the empty (B, H, capacity, c) key and value buffers of every block (preallocated layout only)."""
+        if self.capacity is None:
+            raise RuntimeError("allocate() needs a capacity: VARKVCache(capacity=L)")
+        B, H, c = shape_BHc
+        self.layers = [
+            tuple(torch.empty(B, H, self.capacity, c, dtype=dtype, device=device) for _ in range(2))
+            for _ in range(num_blocks)
+        ]
+        self.filled = [0] * num_blocks
+
     def update(self, block_idx: int, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the current scale's keys/values of one block; return all keys/values of that block."""
+        """Add the current scale's keys/values of one block; return all keys/values of that block."""
+        if self.capacity is not None:
+            return self._write(block_idx, k_BHlc, v_BHlc)
         if block_idx == len(self.layers):
             self.layers.append((k_BHlc, v_BHlc))
         elif block_idx < len(self.layers):
@@ -44,12 +68,29 @@ class VARKVCache:
             raise IndexError(f"block {block_idx} written before block {len(self.layers)}: blocks run in order")
         return self.layers[block_idx]
 
+    def _write(self, block_idx: int, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if block_idx >= len(self.layers):
+            raise IndexError(f"block {block_idx}: {len(self.layers)} blocks allocated (call allocate() first)")
+        begin = self.filled[block_idx]
+        end = begin + k_BHlc.shape[2]
+        if end > self.capacity:
+            raise IndexError(f"block {block_idx}: {end} tokens exceed the cache's capacity {self.capacity}")
+        k_buf, v_buf = self.layers[block_idx]
+        k_buf[:, :, begin:end].copy_(k_BHlc)
+        v_buf[:, :, begin:end].copy_(v_BHlc)
+        self.filled[block_idx] = end
+        return k_buf[:, :, :end], v_buf[:, :, :end]
+
     def select_rows(self, idx_B: torch.Tensor) -> None:
         """Keep only the batch rows ``idx_B`` (an index or boolean mask), e.g. to drop finished samples."""
         self.layers = [(k[idx_B], v[idx_B]) for k, v in self.layers]
 
     def reset(self) -> None:
-        self.layers = []
+        self.layers, self.filled = [], []
+
+    def rewind(self) -> None:
+        """Empty a preallocated cache but keep its buffers (and their addresses) for the next image."""
+        self.filled = [0] * len(self.layers)
 
 
 class DropPath(nn.Module):
@@ -173,12 +214,20 @@ class AdaLNSelfAttn(nn.Module):
         cond_BD: torch.Tensor,
         attn_bias: torch.Tensor | None = None,
         cache: VARKVCache | None = None,
+        ada_B16C: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond_BD).view(-1, 1, 6, self.C).unbind(2)
+        """``ada_B16C``: this block's :meth:`modulation` of ``cond_BD`` when the caller computed it already (a
+        generation reuses it at every scale); None computes it here (training: the autograd graph as before)."""
+        ada_B16C = self.modulation(cond_BD) if ada_B16C is None else ada_B16C
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = ada_B16C.unbind(2)
         h_BLC = self.ln_wo_grad(x_BLC).mul(scale1 + 1).add_(shift1)
         x_BLC = x_BLC + self.drop_path(self.attn(h_BLC, attn_bias=attn_bias, cache=cache).mul_(gamma1))
         h_BLC = self.ln_wo_grad(x_BLC).mul(scale2 + 1).add_(shift2)
         return x_BLC + self.drop_path(self.ffn(h_BLC).mul_(gamma2))
+
+    def modulation(self, cond_BD: torch.Tensor) -> torch.Tensor:
+        """ada_B16C: gamma1, gamma2, scale1, scale2, shift1, shift2 of the condition, stacked on dim 2."""
+        return self.ada_lin(cond_BD).view(-1, 1, 6, self.C)
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -190,6 +239,11 @@ class AdaLNBeforeHead(nn.Module):
         self.ln_wo_grad = nn.LayerNorm(embed_dim, eps=norm_eps, elementwise_affine=False)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * embed_dim))
 
-    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
+    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, ada_B12C: torch.Tensor | None = None) -> torch.Tensor:
+        """``ada_B12C``: :meth:`modulation` of ``cond_BD`` computed by the caller, or None to compute it here."""
+        scale, shift = (self.modulation(cond_BD) if ada_B12C is None else ada_B12C).unbind(2)
         return self.ln_wo_grad(x_BLC).mul(scale + 1).add_(shift)
+
+    def modulation(self, cond_BD: torch.Tensor) -> torch.Tensor:
+        """ada_B12C: scale and shift of the condition, stacked on dim 2."""
+        return self.ada_lin(cond_BD).view(-1, 1, 2, self.C)

@@ -19,6 +19,8 @@ Quick use::
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +30,32 @@ from vargpt.model.config import VQVAEConfig
 from vargpt.model.quant import MultiScaleQuantizer, fp32_region
 from vargpt.model.scales import VAR_PATCH_NUMS, ScaleSchedule
 from vargpt.model.vqvae_blocks import Decoder, Encoder
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """The fast paths of decoding (``fhat_to_img`` / ``codes_to_img``: generation, evaluation); the training
+    forward always runs the plain decoder. The defaults stay within fp32 rounding of the plain path.
+
+    Args:
+        channels_last: run the decoder on a channels-last (NHWC) input: oneDNN's convolutions, GroupNorm and
+            the element-wise ops take it without the NCHW reorders (same values up to fp32 rounding).
+        phase_upsample: every nearest-2x upsample + 3x3 conv as four 2x2 convs on the low-resolution map
+            (``vqvae_blocks.upsample_conv_phases``: 4/9 of its multiply-accumulates, same values up to rounding).
+        bf16: bf16 autocast over the decoder. Not within 1/255 of fp32 (docs/performance.md has the measured
+            difference), so off by default; faster on CPUs with AVX512-BF16/AMX and on GPUs.
+        compile: ``torch.compile`` the decoder (one graph per input shape; the first call of a shape compiles).
+    """
+
+    channels_last: bool = True
+    phase_upsample: bool = True
+    bf16: bool = False
+    compile: bool = False
+
+    @classmethod
+    def plain(cls) -> DecodeOptions:
+        """Every fast path off: the decoder as it was before them (the reference of tests and benchmarks)."""
+        return cls(channels_last=False, phase_upsample=False, bf16=False, compile=False)
 
 
 @dataclass
@@ -84,6 +112,7 @@ class VQVAE(nn.Module):
         pad = quant_conv_ks // 2
         self.quant_conv = nn.Conv2d(z_channels, z_channels, quant_conv_ks, stride=1, padding=pad)
         self.post_quant_conv = nn.Conv2d(z_channels, z_channels, quant_conv_ks, stride=1, padding=pad)
+        self._compiled_decode: Callable[[torch.Tensor, bool], torch.Tensor] | None = None  # DecodeOptions.compile
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -116,12 +145,27 @@ class VQVAE(nn.Module):
         """K code maps -> the summed latent f_hat (B, Cvae, P, P), fp32."""
         return self.quantize.codes_to_fhat(codes)
 
-    def fhat_to_img(self, f_hat_BCPP: torch.Tensor) -> torch.Tensor:
-        """Latent -> image (B, 3, H, W) clamped to [-1, 1]."""
-        return self.decoder(self.post_quant_conv(f_hat_BCPP)).clamp(-1, 1)
+    def fhat_to_img(self, f_hat_BCPP: torch.Tensor, options: DecodeOptions | None = None) -> torch.Tensor:
+        """Latent -> image (B, 3, H, W) clamped to [-1, 1], through the fast paths of ``options`` (None: the
+        defaults of :class:`DecodeOptions`). Runs under the caller's autocast unless ``options.bf16``."""
+        opts = DecodeOptions() if options is None else options
+        if opts.channels_last:
+            f_hat_BCPP = f_hat_BCPP.contiguous(memory_format=torch.channels_last)
+        decode = self._decode
+        if opts.compile:
+            if self._compiled_decode is None:
+                self._compiled_decode = torch.compile(self._decode, dynamic=False)
+            decode = self._compiled_decode
+        amp = torch.autocast(f_hat_BCPP.device.type, dtype=torch.bfloat16) if opts.bf16 else contextlib.nullcontext()
+        with amp:
+            return decode(f_hat_BCPP, opts.phase_upsample).contiguous()
 
-    def codes_to_img(self, codes: list[torch.Tensor]) -> torch.Tensor:
-        return self.fhat_to_img(self.codes_to_fhat(codes))
+    def _decode(self, f_hat_BCPP: torch.Tensor, phase_upsample: bool) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(f_hat_BCPP), phase_upsample).clamp(-1, 1)
+
+    def codes_to_img(self, codes: list[torch.Tensor], options: DecodeOptions | None = None) -> torch.Tensor:
+        """K code maps -> image (B, 3, H, W) in [-1, 1] (:meth:`fhat_to_img` with ``options``)."""
+        return self.fhat_to_img(self.codes_to_fhat(codes), options)
 
     # ------------------------------------------------------------------ the VAR decoder's inputs
     def codes_to_teacher_input(self, codes: list[torch.Tensor]) -> torch.Tensor:

@@ -5,6 +5,10 @@ Module and attribute names follow VAR's ``models/basic_vae.py`` exactly (``down.
 key that of the released ``vae_ch160v4096z32.pth`` (VARGPT-REFERENCE.md 1.7, 7.3). All norms are GroupNorm with
 ``norm_groups`` groups: 32 in VAR and every released checkpoint; tiny CPU-sized models may use fewer so that their
 channel counts can go below 32 (conv cost at full resolution grows with the square of the width).
+
+The decoder's ``forward`` takes ``phase_upsample``: the nearest-2x upsample and its 3x3 conv computed as four 2x2
+convolutions on the low-resolution map (:func:`upsample_conv_phases`), 4/9 of the multiply-accumulates and no
+upsampled copy; equal to the plain path up to fp32 rounding (the inference fast path, ``VQVAE.fhat_to_img``).
 """
 
 from __future__ import annotations
@@ -19,14 +23,47 @@ def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
+# Which rows of a 3x3 kernel each tap of a 2x2 phase kernel sums, for output phase a (0: even, 1: odd rows):
+# an even output row 2i sees input rows i-1 (kernel row 0) and i (rows 1 + 2) of the nearest-2x map; an odd one
+# 2i+1 sees rows i (kernel rows 0 + 1) and i+1 (row 2). Same for columns.
+_PHASE_TAPS_ATK = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+
+
+def upsample_conv_phases(x_BCHW: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``conv(nearest_2x(x))`` for a 3x3, padding-1 ``conv``, as one 2x2 conv per output phase on ``x`` itself.
+
+    Each of the four phases (even/odd row, even/odd column) of the upsampled output reads only 2x2 input pixels,
+    with the 3x3 kernel's taps summed as :data:`_PHASE_TAPS_ATK` says; each phase is written into its strided
+    slice of the output, which keeps ``x``'s memory format. Equal to the plain path up to fp32 rounding (the taps
+    are added before, not after, the products).
+    """
+    B, _, H, W = x_BCHW.shape
+    w_OCkk = conv.weight
+    taps = _PHASE_TAPS_ATK.to(w_OCkk)
+    w_abOCyx = torch.einsum("ayk,bxl,ockl->abocyx", taps, taps, w_OCkk)
+    x_pad = F.pad(x_BCHW, (1, 1, 1, 1))
+    channels_last = x_BCHW.is_contiguous(memory_format=torch.channels_last) and not x_BCHW.is_contiguous()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    y_BO2H2W = torch.empty(
+        (B, w_OCkk.shape[0], 2 * H, 2 * W), dtype=x_BCHW.dtype, device=x_BCHW.device, memory_format=fmt
+    )
+    for a in (0, 1):
+        for b in (0, 1):
+            y_BO2H2W[..., a::2, b::2] = F.conv2d(x_pad[..., a : a + H + 1, b : b + W + 1], w_abOCyx[a, b], conv.bias)
+    return y_BO2H2W
+
+
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 followed by a 3x3 conv (VAR's ``Upsample2x``)."""
+    """Nearest-neighbour x2 followed by a 3x3 conv (VAR's ``Upsample2x``); ``phases`` computes it as
+    :func:`upsample_conv_phases` does."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1)
 
-    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BCHW: torch.Tensor, phases: bool = False) -> torch.Tensor:
+        if phases:
+            return upsample_conv_phases(x_BCHW, self.conv)
         return self.conv(F.interpolate(x_BCHW, scale_factor=2, mode="nearest"))
 
 
@@ -158,9 +195,9 @@ class UpLevel(_Level):
         super().__init__(in_ch, out_ch, num_blocks, dropout, with_attn, norm_groups)
         self.upsample = Upsample(out_ch) if with_upsample else None
 
-    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BCHW: torch.Tensor, phase_upsample: bool = False) -> torch.Tensor:
         h = self.run_blocks(x_BCHW)
-        return h if self.upsample is None else self.upsample(h)
+        return h if self.upsample is None else self.upsample(h, phase_upsample)
 
 
 class Encoder(nn.Module):
@@ -241,8 +278,9 @@ class Decoder(nn.Module):
         self.norm_out = group_norm(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, in_channels, kernel_size=3, stride=1, padding=1)
 
-    def forward(self, z_BCHW: torch.Tensor) -> torch.Tensor:
+    def forward(self, z_BCHW: torch.Tensor, phase_upsample: bool = False) -> torch.Tensor:
+        """``phase_upsample``: every upsample as :func:`upsample_conv_phases` (inference's fast path)."""
         h = self.mid(self.conv_in(z_BCHW))
         for level in reversed(self.up):
-            h = level(h)
+            h = level(h, phase_upsample)
         return self.conv_out(F.silu(self.norm_out(h), inplace=True))

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,17 +33,15 @@ from vargpt.data.config import DataConfig, ModelInputs
 from vargpt.data.datamodule import VARGPTDataModule
 from vargpt.data.datasets_to_shards import (
     ConvertedSample,
-    Converter,
     ConvertOptions,
-    Part,
+    SourceRewriter,
     add_output_args,
     options_from_args,
     run_cli,
 )
 from vargpt.data.pairs import REF_LOGPS
 from vargpt.data.records import InvalidSampleError
-from vargpt.data.shards import GEN_CODES, iter_raw_samples, read_manifest
-from vargpt.inference.gen_codes import shard_parts
+from vargpt.data.shards import GEN_CODES, read_manifest
 from vargpt.training.preference_module import pair_logps
 
 # The manifest block naming the reference model.
@@ -65,10 +62,9 @@ def reference_identity(weights: str) -> dict[str, str]:
 
 
 @dataclass
-class ReferenceLogpsConverter(Converter):
+class ReferenceLogpsConverter(SourceRewriter):
     """A pair source -> the same pairs with ``ref_logps`` (see the module docstring)."""
 
-    input_dir: Path
     weights: str
     target: str = "image"
     # Serve generation targets from the source's precomputed codes (data.gen_codes), as training will.
@@ -78,35 +74,19 @@ class ReferenceLogpsConverter(Converter):
     batch_size: int = 16
     device: str = "cpu"
 
-    def __post_init__(self) -> None:
-        self.source = read_manifest(self.input_dir)["source"]
-
     def identity(self) -> dict[str, Any]:
         return {**reference_identity(self.weights), "target": self.target}
 
     def fingerprint(self) -> dict[str, Any]:
-        shards = [(s["name"], s["sha256"]) for s in read_manifest(self.input_dir)["shards"]]
         settings = {"gen_codes": self.gen_codes, "gen_resize_ratio": self.gen_resize_ratio, "cutoff": self.cutoff_len}
-        return {"kind": REF_LOGPS, "input": str(Path(self.input_dir).resolve()), "shards": shards,
-                **self.identity(), **settings}  # fmt: skip
+        return {"kind": REF_LOGPS, **self.input_fingerprint(), **self.identity(), **settings}
 
     def manifest_extra(self) -> dict[str, Any]:
         """The reference block, and the input's own blocks (its codes' identity, how it was made) kept."""
         kept = {k: v for k, v in read_manifest(self.input_dir).items() if k in (GEN_CODES, "self_improve")}
         return {**kept, REFERENCE: {**self.identity(), "input": str(Path(self.input_dir).resolve())}}
 
-    def parts(self, part_size: int, limit: int | None) -> Iterator[Part]:
-        return shard_parts(self.input_dir, limit)
-
-    def entries(self, part: Part) -> Iterator[tuple[int, Any]]:
-        """``(index, (raw sample, (chosen, rejected) log-probs))`` or an InvalidSampleError, in shard order."""
-        raws = itertools.islice(iter_raw_samples([part.payload]), part.count)
-        index = part.first
-        while chunk := list(itertools.islice(raws, self.batch_size)):
-            yield from enumerate(self._score(chunk), index)
-            index += len(chunk)
-
-    def _score(self, samples: list[dict[str, Any]]) -> list[Any]:
+    def process_chunk(self, samples: list[dict[str, Any]]) -> list[Any]:
         """Each sample with its pair's reference log-probs (one model call for the lot), or its error."""
         model = load_reference(self.weights, self.device)
         processor, collate = self._pipeline(model)
@@ -138,12 +118,6 @@ class ReferenceLogpsConverter(Converter):
         )
         module = VARGPTDataModule(data, ModelInputs.of(model.cfg), model.tokenizer)
         return module.processor(train=False), PairCollator(Collator(model.ids.pad))
-
-    def sample_key(self, index: int, entry: Any) -> str:
-        return entry[0]["__key__"]
-
-    def entry_id(self, index: int, entry: Any) -> str:
-        return entry[0]["__key__"] if isinstance(entry, tuple) else f"#{index}"
 
     def to_sample(self, index: int, entry: Any) -> ConvertedSample:
         if isinstance(entry, InvalidSampleError):

@@ -145,14 +145,21 @@ def _png(image: Any) -> bytes:
     return buf.getvalue()
 
 
-def pair_candidates(candidates: Sequence[Candidate], pairing: str) -> list[tuple[Candidate, Candidate]]:
+def pair_candidates(
+    candidates: Sequence[Candidate], pairing: str, chosen_needs: str | None = None
+) -> list[tuple[Candidate, Candidate]]:
     """(chosen, rejected) pairs of one instruction: the best-rated candidate (the first drawn among equals) over
-    every candidate rated strictly lower (``all``) or over the lowest-rated one (``worst``)."""
+    every candidate rated strictly lower (``all``) or over the lowest-rated one (``worst``). ``chosen_needs``: an
+    attribute the chosen image must have right (e.g. ``both``), else the instruction gives no pair."""
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing={pairing!r}: expected one of {', '.join(PAIRINGS)}")
+    if chosen_needs is not None and chosen_needs not in SCORE_WEIGHTS:
+        raise ValueError(f"chosen_needs={chosen_needs!r}: expected one of {', '.join(SCORE_WEIGHTS)}")
     if len(candidates) < 2:
         return []
     best = max(candidates, key=lambda c: c.rating)
+    if chosen_needs is not None and not best.scores.get(chosen_needs):
+        return []
     worse = [c for c in candidates if c.rating < best.rating]
     if pairing == "worst" and worse:
         worse = [min(worse, key=lambda c: c.rating)]
@@ -216,6 +223,7 @@ def make_pairs(
     instructions: int,
     samples: int,
     pairing: str = "all",
+    chosen_needs: str | None = None,
     start: int = 0,
     world_seed: int = 0,
     sampling: SamplingConfig | None = None,
@@ -236,6 +244,7 @@ def make_pairs(
         "start": start,
         "samples": samples,
         "pairing": pairing,
+        "chosen_needs": chosen_needs,
         "force_image": force_image,
         "world_seed": world_seed,
         "sampling": dataclasses.asdict(sampling),
@@ -252,7 +261,7 @@ def make_pairs(
     pairs = []
     with torch.inference_mode():
         for item, candidates in draw_candidates(model, items, samples, sampling, batch_size, judge, stats, force_image):
-            made = pair_candidates(candidates, pairing)
+            made = pair_candidates(candidates, pairing, chosen_needs)
             stats.instructions_without_preference += not made
             pairs += [pair_record(item, chosen, rejected) for chosen, rejected in made]
     seconds = time.perf_counter() - t0
@@ -286,6 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--instructions", type=int, default=600, help="training instructions to draw for")
     parser.add_argument("--samples", type=int, default=4, help="images drawn per instruction")
     parser.add_argument("--pairing", choices=PAIRINGS, default="all")
+    parser.add_argument("--chosen-needs", choices=tuple(SCORE_WEIGHTS), help="an attribute the chosen must have right")
     parser.add_argument("--start", type=int, default=0, help="first instruction (a second round takes new ones)")
     parser.add_argument("--world-seed", type=int, default=0, help="the shapes world's seed (data.shapes.seed)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -299,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.instructions,
         args.samples,
         args.pairing,
+        args.chosen_needs,
         args.start,
         args.world_seed,
         SamplingConfig.coerce(None, seed=args.seed),
