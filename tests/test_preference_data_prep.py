@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 from pathlib import Path
@@ -19,7 +20,7 @@ from vargpt.data.shards import iter_raw_samples, shard_list
 from vargpt.eval.shapes_eval import t2i_items
 from vargpt.preference.reference_logps import ReferenceLogpsConverter, load_reference
 from vargpt.preference.self_improve import Candidate, PairWriter, pair_candidates, pair_record
-from vargpt.training.preference_module import pair_logps
+from vargpt.training.preference_module import check_precomputed_reference, pair_logps
 
 BACKBONES = Path(__file__).resolve().parents[1] / "backbones" / "shapes"
 
@@ -95,3 +96,17 @@ def test_precomputed_reference_logps_equal_the_reference_models(scored_source):
     raw = next(iter_raw_samples([shard_list(scored_source / "pairs_ref")[0][0]]))
     record = json.loads(raw["json"])
     assert set(record["ref_logps"]) == {"chosen", "rejected"} and record["chosen"]["content"].count("<image_gen>") == 1
+
+
+def test_training_refuses_ref_logps_of_other_weights_or_settings(scored_source):
+    model = load_reference(str(BACKBONES), "cpu")
+    sources = {"p": scored_source / "pairs_ref"}
+    settings = {"target": "image", "gen_codes": True, "gen_resize_ratio": 1.0}
+    check_precomputed_reference(model, sources, settings)  # the scoring model and settings: accepted
+    with pytest.raises(ValueError, match="target=image, this run has text"):
+        check_precomputed_reference(model, sources, {**settings, "target": "text"})
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.vargpt_gen.head.bias.add_(1.0)
+    with pytest.raises(ValueError, match="not by this stage's starting weights"):
+        check_precomputed_reference(other, sources, settings)

@@ -317,22 +317,33 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(
             f"callbacks.checkpoint.export={cfg.callbacks.checkpoint.export!r}: expected one of {EXPORT_DTYPES}"
         )
-    if stage.preference is not None and not cfg.data.pairs:
-        raise ValueError(f"stage {stage.name!r} is a preference stage: it needs pair data (data.pairs=true)")
-    if stage.preference is None and cfg.data.pairs:
-        raise ValueError(f"data.pairs=true: stage {stage.name!r} is not a preference stage (stage=dpo_gen is)")
-    if stage.preference is not None and cfg.data.pair_target not in (None, stage.preference.target.value):
-        raise ValueError(
-            f"data.pair_target={cfg.data.pair_target} but stage.preference.target={stage.preference.target.value}: "
-            "set them equal"
-        )
-    if stage.preference is not None and stage.preference.beta <= 0:
-        raise ValueError(f"stage.preference.beta must be positive, got {stage.preference.beta}")
+    _check_preference(stage, cfg.data)
     if cfg.data.gen_resize_ratio < 1.0:
         raise ValueError(f"data.gen_resize_ratio must be >= 1.0 (VAR: 1.125), got {cfg.data.gen_resize_ratio}")
     check_data_config(cfg.data)
     if not str(cfg.resume).strip():
         raise ValueError("resume: expected auto | true | false | a checkpoint path")
+
+
+def _check_preference(stage: DictConfig, data: DictConfig) -> None:
+    """A preference stage needs pair data compared on its target, and its constants in range; pair data needs one."""
+    p = stage.preference
+    if p is None:
+        if data.pairs:
+            raise ValueError(f"data.pairs=true: stage {stage.name!r} is not a preference stage (stage=dpo_gen is)")
+        return
+    if not data.pairs:
+        raise ValueError(f"stage {stage.name!r} is a preference stage: it needs pair data (data.pairs=true)")
+    if data.pair_target != p.target.value:
+        raise ValueError(
+            f"data.pair_target={data.pair_target} but stage.preference.target={p.target.value}: set them equal"
+        )
+    if p.beta <= 0:
+        raise ValueError(f"stage.preference.beta must be positive, got {p.beta}")
+    if not 0.0 <= p.label_smoothing < 0.5:
+        raise ValueError(f"stage.preference.label_smoothing must be in [0, 0.5), got {p.label_smoothing}")
+    if p.ftx < 0:
+        raise ValueError(f"stage.preference.ftx must be >= 0, got {p.ftx}")
 
 
 def refuse_extra_keys(cfg: DictConfig, schema: type) -> None:

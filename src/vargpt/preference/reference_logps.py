@@ -75,11 +75,13 @@ class ReferenceLogpsConverter(SourceRewriter):
     device: str = "cpu"
 
     def identity(self) -> dict[str, Any]:
-        return {**reference_identity(self.weights), "target": self.target}
+        """The manifest's ``reference`` block: the model, and the settings training must share
+        (vargpt.training.preference_module.check_precomputed_reference)."""
+        settings = {"target": self.target, "gen_codes": self.gen_codes, "gen_resize_ratio": self.gen_resize_ratio}
+        return {**reference_identity(self.weights), **settings}
 
     def fingerprint(self) -> dict[str, Any]:
-        settings = {"gen_codes": self.gen_codes, "gen_resize_ratio": self.gen_resize_ratio, "cutoff": self.cutoff_len}
-        return {"kind": REF_LOGPS, **self.input_fingerprint(), **self.identity(), **settings}
+        return {"kind": REF_LOGPS, **self.input_fingerprint(), **self.identity(), "cutoff": self.cutoff_len}
 
     def manifest_extra(self) -> dict[str, Any]:
         """The reference block, and the input's own blocks (its codes' identity, how it was made) kept."""

@@ -23,8 +23,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig
 from torch import nn
+from torch.distributed.fsdp import register_fsdp_forward_method
 
 from vargpt.checkpoint.io import state_sha256
 from vargpt.data.shards import read_manifest
@@ -59,15 +61,22 @@ def _as_pairs(values_R: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
     return values_R.view(2, B).T
 
 
-def check_precomputed_reference(model: nn.Module, sources: Mapping[str, Path]) -> None:
-    """Refuse pair sources whose ``ref_logps`` another model than ``model`` (the stage's start) computed: DPO
-    against the wrong reference trains towards the wrong target without any error. A source without a
-    ``reference`` block in its manifest has no ref_logps; its first batch says so."""
+def check_precomputed_reference(model: nn.Module, sources: Mapping[str, Path], expected: Mapping[str, Any]) -> None:
+    """Refuse pair sources whose ``ref_logps`` another model than ``model`` (the stage's start) computed, or that
+    were computed with other ``expected`` settings (``target``, ``gen_codes``, ``gen_resize_ratio``): DPO against
+    the wrong reference trains towards the wrong target without any error. A source without a ``reference``
+    block in its manifest has no ref_logps; its first batch says so."""
     digest = None
     for name, path in sources.items():
         block = read_manifest(path).get("reference")
         if block is None:
             continue
+        for key, value in expected.items():
+            if key in block and block[key] != value:
+                raise ValueError(
+                    f"data source {name} ({path}): its ref_logps were computed with {key}={block[key]}, this run has "
+                    f"{value}: recompute them with the run's settings (python -m vargpt.preference.reference_logps)"
+                )
         digest = digest or state_sha256(model)
         if block["sha256"] != digest:
             raise ValueError(
@@ -105,6 +114,13 @@ class PreferenceModule(VARGPTModule):
         self.__dict__["reference"] = reference
         if reference is not None:
             reference.requires_grad_(False).eval()
+
+    def configure_model(self) -> None:
+        """As the VARGPT module; under FSDP2 the step calls ``sequence_logps``, not ``forward``, so it is registered
+        as a forward method (the root's parameters are gathered around it as around ``forward``)."""
+        super().configure_model()
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+            register_fsdp_forward_method(self.model, "sequence_logps")
 
     def on_fit_start(self) -> None:
         if self.reference is not None:

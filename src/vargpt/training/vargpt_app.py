@@ -86,7 +86,10 @@ def build_module(ctx: RunContext, model: Any) -> VARGPTModule:
         if cfg.stage.preference.reference.value == "frozen_copy":
             reference = _starting_model(ctx, model)
         elif ctx.resume is None:  # the model holds the start's weights only before training
-            check_precomputed_reference(model, ctx.datamodule.source_dirs())
+            data = ctx.datamodule.cfg
+            settings = {"target": data.pair_target, "gen_codes": data.gen_codes}
+            settings["gen_resize_ratio"] = data.gen_resize_ratio
+            check_precomputed_reference(model, ctx.datamodule.source_dirs(), settings)
     return PreferenceModule(model, cfg.stage, cfg.trainer, ctx.max_steps, cfg.seed, reference=reference)
 
 
