@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from test_train_run import compose_train, csv_losses
+from test_train_sweep import train_cli
 
 from vargpt.data.dataset_formats import PreferenceConverter
 from vargpt.data.datasets_to_shards import ConvertOptions, run_conversion
@@ -84,3 +85,16 @@ def test_a_preference_stage_refuses_conversation_data(pairs_root, tmp_path):
     cfg = compose_train([*dpo_overrides(pairs_root, tmp_path, steps=1), "data.pairs=false"])
     with pytest.raises(ValueError, match="needs pair data"):
         train(cfg)
+
+
+@pytest.mark.slow
+def test_dpo_under_fsdp2_two_processes(pairs_root, tmp_path):
+    """The preference step under FSDP2 (2 gloo ranks): ``sequence_logps`` gathers the sharded root's parameters as
+    ``forward`` does, and the first step's policy is its frozen copy (log 2)."""
+    cpu2 = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+    result = train_cli(*dpo_overrides(pairs_root, tmp_path, steps=2), *cpu2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = sorted((tmp_path / "runs").iterdir())
+    losses = csv_losses(run_dir)
+    assert sorted(losses) == [0, 1]
+    assert losses[0] == pytest.approx(0.6931472, abs=1e-5)
