@@ -118,8 +118,9 @@ class PreferenceModule(VARGPTModule):
     def configure_model(self) -> None:
         """As the VARGPT module; under FSDP2 the step calls ``sequence_logps``, not ``forward``, so it is registered
         as a forward method (the root's parameters are gathered around it as around ``forward``)."""
+        first_call = not self._configured  # Lightning may call it again; the model is configured once
         super().configure_model()
-        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+        if first_call and isinstance(self.trainer.strategy, ModelParallelStrategy):
             register_fsdp_forward_method(self.model, "sequence_logps")
 
     def on_fit_start(self) -> None:
