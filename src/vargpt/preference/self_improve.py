@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import logging
 import sys
@@ -41,6 +40,7 @@ from vargpt.checkpoint import build_from_folder
 from vargpt.checkpoint.io import state_sha256
 from vargpt.data.datasets_to_shards import ConvertedSample, Converter, ConvertOptions, Part, chunk_parts, run_conversion
 from vargpt.data.records import IMAGE_GEN_PLACEHOLDER
+from vargpt.data.shapes import png_bytes
 from vargpt.data.shards import GEN_CODES, MANIFEST_NAME, codes_member, encode_codes
 from vargpt.eval.core import batched, t2i_verdict
 from vargpt.eval.judge import ShapesJudge
@@ -128,7 +128,7 @@ def draw_candidates(
                 stats.sums.update(scores)
                 stats.judged += 1
                 codes_L = torch.cat([c.view(-1) for c in out.image_codes[0]]).numpy()
-                found.append(Candidate(_one_image_reply(out.text), codes_L, _png(out.images[0]), scores, seed))
+                found.append(Candidate(_one_image_reply(out.text), codes_L, png_bytes(out.images[0]), scores, seed))
             if j == samples - 1:
                 yield item, per_item.pop(item.id)
 
@@ -137,12 +137,6 @@ def _one_image_reply(text: str) -> str:
     """The reply up to and with its first image (the sampling allows one; the record must name one image)."""
     head, sep, tail = text.partition(IMAGE_GEN_PLACEHOLDER)
     return head + sep + tail.replace(IMAGE_GEN_PLACEHOLDER, "")
-
-
-def _png(image: Any) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return buf.getvalue()
 
 
 def pair_candidates(
